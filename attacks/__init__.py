@@ -1,0 +1,34 @@
+"""Attacks: FGSM, PGD and Carlini-Wagner (plus any foolbox 3 attack through `FoolboxAttack`).
+
+Every attack is called the same way and returns a verified `AttackOutcome`:
+
+    outcome = PGD(eps=0.1, steps=20)(model, x, y, targets=None)
+
+See `robustlab.attacks.base` for what "verified" guarantees.
+"""
+
+from __future__ import annotations
+
+from robustlab.errors import InputError
+
+from .base import Attack, AttackOutcome, restrict
+from .cw import CW
+from .fgsm import FGSM
+from .foolbox_adapter import FoolboxAttack
+from .pgd import PGD
+
+ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "cw": CW}
+
+
+def get_attack(name: str, **options) -> Attack:
+    """Build an attack by name: 'fgsm', 'pgd', 'cw', or 'foolbox:<AttackClass>'."""
+    key = name.strip().lower()
+    if key.startswith("foolbox:"):
+        return FoolboxAttack(attack_class=name.split(":", 1)[1].strip(), **options)
+    if key not in ATTACKS:
+        raise InputError("attack", f"unknown attack {name!r}; expected one of: {', '.join(ATTACKS)}, "
+                                   "or foolbox:<AttackName> (e.g. foolbox:LinfDeepFoolAttack)")
+    return ATTACKS[key](**options)
+
+
+__all__ = ["Attack", "AttackOutcome", "FGSM", "PGD", "CW", "FoolboxAttack", "get_attack", "restrict", "ATTACKS"]

@@ -1,0 +1,305 @@
+"""The attack contract, and the one place where every attack output is checked and packaged.
+
+`Attack.__call__(model, x, y, targets=None)` validates its inputs, runs the attack batch by batch
+on the model's device, then, for every batch:
+1. `contain`s the output exactly inside the eps ball and the bounds,
+2. re-checks containment and raises `VerificationError` on any violation (a bug, never a row),
+3. decides success by a fresh forward pass on exactly the tensor it returns.
+Subclasses only implement `_perturb`, which may be as naive as the paper's pseudo-code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from robustlab.batching import BatchRunner
+from robustlab.errors import InputError
+from robustlab.model import ModelUnderTest
+from robustlab.threat import Norm, check_contained, contain, get_norm
+
+from .losses import succeeded
+
+
+@dataclass
+class Perturbed:
+    """What `_perturb` returns for one batch."""
+
+    x_adv: torch.Tensor
+    gradient_calls: torch.Tensor | int  # per-sample input-gradient evaluations, summed over the batch
+
+
+@dataclass
+class AttackOutcome:
+    """Verified result of one attack on n samples (all tensors on the CPU).
+
+    success: untargeted, the prediction differs from the label; targeted, it equals the target.
+    Norms are those of the returned perturbation x_adv - x, measured in float64.
+    """
+
+    attack: str
+    norm: str
+    eps: float | None
+    x_adv: torch.Tensor
+    adv_pred: torch.Tensor
+    adv_confidence: torch.Tensor
+    success: torch.Tensor
+    l2: torch.Tensor
+    linf: torch.Tensor
+    targets: torch.Tensor | None
+    gradient_calls: int
+    seconds: float
+    batch_size: int
+
+    @property
+    def n(self) -> int:
+        return int(self.success.numel())
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.double().mean()) if self.n else float("nan")
+
+
+@dataclass(frozen=True)
+class Attack:
+    """Base of all attacks. Configuration lives in dataclass fields; see subclasses."""
+
+    name: ClassVar[str] = "attack"
+    minimal: ClassVar[bool] = False  # True: finds the smallest perturbation, needs no eps
+
+    norm: str = "linf"
+    eps: float | None = None
+
+    def replace(self, **changes) -> "Attack":
+        return dataclasses.replace(self, **changes)
+
+    def config(self) -> dict:
+        return {"attack": self.name, **dataclasses.asdict(self)}
+
+    @property
+    def geometry(self) -> Norm:
+        return get_norm(self.norm)
+
+    # ---------------------------------------------------------------- contract
+    def __call__(
+        self,
+        model: ModelUnderTest,
+        x: torch.Tensor | np.ndarray,
+        y: torch.Tensor | np.ndarray,
+        targets: torch.Tensor | np.ndarray | None = None,
+        *,
+        sample_ids: torch.Tensor | np.ndarray | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+    ) -> AttackOutcome:
+        """Attack the samples (x, y) (toward `targets` if given) and return a verified outcome."""
+        if not isinstance(model, ModelUnderTest):
+            raise InputError("model", f"expected a robustlab ModelUnderTest, got {type(model).__name__}; "
+                                      "wrap it with robustlab.wrap(module, bounds=...)")
+        x, y, targets, sample_ids = validate_batch(model, x, y, targets, sample_ids)
+        eps = self._validated_eps(model, x)
+        self.validate()
+        runner = BatchRunner(batch_size, model.device)
+        started = time.perf_counter()
+        with model.evaluating():
+            parts = runner.run(len(x), lambda a, b: self._attack_slice(
+                model, x[a:b], y[a:b], None if targets is None else targets[a:b], sample_ids[a:b], eps, seed))
+        seconds = time.perf_counter() - started
+        return _concat(self, eps, parts, targets, seconds, runner.batch_size)
+
+    def validate(self) -> None:
+        """Subclasses check their own options here (raise InputError)."""
+
+    def _validated_eps(self, model: ModelUnderTest, x: torch.Tensor) -> float | None:
+        norm = self.geometry
+        if self.eps is None:
+            if self.minimal:
+                return None
+            raise InputError("eps", f"{self.name} needs an epsilon (the perturbation budget)")
+        eps = self.eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise InputError("eps", f"must be a finite number >= 0, got {eps!r}")
+        check_eps_fits(eps, norm, model, tuple(x.shape[1:]))
+        return float(eps)
+
+    def _attack_slice(self, model, x, y, targets, ids, eps, seed):
+        x = model.to_device(x)
+        y = y.to(model.device)
+        targets = None if targets is None else targets.to(model.device)
+        ids = ids.to(model.device)
+        eps_t = None if eps is None else torch.full((len(x),), eps, dtype=torch.float64, device=model.device)
+        result = self._perturb(model, x, y, targets, ids, eps, seed)
+        return finalize(model, x, y, targets, result.x_adv.detach(), eps_t, self.geometry,
+                        attack=self.name, gradient_calls=result.gradient_calls)
+
+    def _perturb(self, model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
+                 sample_ids: torch.Tensor, eps: float | None, seed: int) -> Perturbed:
+        raise NotImplementedError
+
+
+def finalize(model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
+             x_adv: torch.Tensor, eps: torch.Tensor | None, norm: Norm, *, attack: str,
+             gradient_calls: torch.Tensor | int) -> dict:
+    """Contain, verify and re-check one batch. Returns CPU tensors for packaging."""
+    x_adv = contain(x, x_adv.to(x.dtype), eps, norm, model.bounds)
+    check_contained(x, x_adv, eps, norm, model.bounds, attack=attack)
+    with torch.no_grad():
+        logits = model(x_adv)
+    probs = torch.softmax(logits.double(), dim=1)
+    confidence, pred = probs.max(dim=1)
+    success = succeeded(logits, y, targets)
+    delta = x_adv.double() - x.double()
+    return {
+        "x_adv": x_adv.cpu(),
+        "adv_pred": pred.cpu(),
+        "adv_confidence": confidence.cpu(),
+        "success": success.cpu(),
+        "l2": delta.reshape(len(x), -1).norm(dim=1).cpu(),
+        "linf": delta.reshape(len(x), -1).abs().amax(dim=1).cpu() if delta.numel() else torch.zeros(len(x)),
+        "gradient_calls": int(gradient_calls) if not isinstance(gradient_calls, torch.Tensor) else int(gradient_calls.sum()),
+    }
+
+
+def _concat(attack: Attack, eps: float | None, parts: list[dict], targets, seconds: float,
+            batch_size: int) -> AttackOutcome:
+    def cat(key: str) -> torch.Tensor:
+        return torch.cat([p[key] for p in parts]) if parts else torch.empty(0)
+    return AttackOutcome(
+        attack=attack.name, norm=attack.geometry.name, eps=eps,
+        x_adv=cat("x_adv"), adv_pred=cat("adv_pred").long(), adv_confidence=cat("adv_confidence"),
+        success=cat("success").bool(), l2=cat("l2"), linf=cat("linf"),
+        targets=None if targets is None else targets.cpu(),
+        gradient_calls=sum(p["gradient_calls"] for p in parts), seconds=seconds, batch_size=batch_size)
+
+
+def restrict(outcome: AttackOutcome, model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor,
+             eps: float, norm: str | Norm, *, batch_size: int | None = None) -> AttackOutcome:
+    """Evaluate a minimal-perturbation outcome (e.g. CW) under budget eps.
+
+    Each perturbation is projected onto the eps ball (a no-op where it already fits), contained,
+    verified and re-checked by a fresh forward pass: a success counts only if the projected input
+    still fools the model. Never inflates robustness: it can only find more adversarials than
+    discarding the out-of-budget ones.
+    """
+    geometry = get_norm(norm)
+    x, y, targets, _ = validate_batch(model, x, y, outcome.targets, None)
+    check_eps_fits(eps, geometry, model, tuple(x.shape[1:]))
+    runner = BatchRunner(batch_size, model.device)
+    started = time.perf_counter()
+
+    def one(a: int, b: int) -> dict:
+        xb = model.to_device(x[a:b])
+        delta = model.to_device(outcome.x_adv[a:b]) - xb
+        eps_t = torch.full((b - a,), float(eps), dtype=torch.float64, device=model.device)
+        candidate = xb + geometry.project(delta, eps_t.to(xb.dtype))
+        tb = None if targets is None else targets[a:b].to(model.device)
+        return finalize(model, xb, y[a:b].to(model.device), tb, candidate, eps_t, geometry,
+                        attack=f"{outcome.attack}@{eps:g}", gradient_calls=0)
+
+    with model.evaluating():
+        parts = runner.run(len(x), one)
+    result = AttackOutcome(
+        attack=outcome.attack, norm=geometry.name, eps=float(eps),
+        x_adv=torch.cat([p["x_adv"] for p in parts]), adv_pred=torch.cat([p["adv_pred"] for p in parts]).long(),
+        adv_confidence=torch.cat([p["adv_confidence"] for p in parts]),
+        success=torch.cat([p["success"] for p in parts]).bool(),
+        l2=torch.cat([p["l2"] for p in parts]), linf=torch.cat([p["linf"] for p in parts]),
+        targets=outcome.targets, gradient_calls=outcome.gradient_calls,
+        seconds=outcome.seconds + time.perf_counter() - started, batch_size=runner.batch_size)
+    return result
+
+
+# ---------------------------------------------------------------------------- validation
+def check_eps_fits(eps: float, norm: Norm, model: ModelUnderTest, input_shape: tuple[int, ...]) -> None:
+    """Refuse budgets larger than the input box: almost always a units mistake (8 vs 8/255)."""
+    if norm.name == "linf":
+        limit = model.bounds.width()
+        if eps > limit * (1 + 1e-9):
+            hint = f"; did you mean {eps:g}/255 = {eps / 255:.4g}?" if eps >= 1 and limit <= 1 else ""
+            raise InputError("eps", f"{eps:g} is larger than the input range {limit:g} "
+                                    f"(bounds {model.bounds.describe()}){hint}")
+    else:
+        limit = model.bounds.diameter_l2(input_shape)
+        if eps > limit * (1 + 1e-9):
+            raise InputError("eps", f"L2 budget {eps:g} exceeds the diagonal of the input box ({limit:.4g}); "
+                                    "no perturbation inside the bounds is that large")
+
+
+def _as_tensor(name: str, value, dtype=None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    try:
+        return torch.as_tensor(np.asarray(value), dtype=dtype)
+    except (TypeError, ValueError) as error:
+        raise InputError(name, f"cannot be converted to a tensor: {error}") from None
+
+
+def validate_labels(name: str, labels, n: int, num_classes: int) -> torch.Tensor:
+    t = _as_tensor(name, labels)
+    if t.is_floating_point():
+        if not torch.isfinite(t).all() or (t != t.round()).any():
+            raise InputError(name, "must be integer class indices, got non-integer values")
+        t = t.long()
+    if t.dtype == torch.bool or not (t.dtype.is_floating_point or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise InputError(name, f"must be integer class indices, got dtype {t.dtype}")
+    t = t.long().reshape(-1) if t.dim() <= 1 else t
+    if t.dim() != 1:
+        raise InputError(name, f"must be one class index per sample (shape ({n},)), got shape {tuple(t.shape)}; "
+                               "one-hot labels? pass labels.argmax(1)")
+    if len(t) != n:
+        raise InputError(name, f"has {len(t)} entries but there are {n} inputs")
+    if n and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        bad = t[(t < 0) | (t >= num_classes)]
+        raise InputError(name, f"values must be in [0, {num_classes - 1}] for a {num_classes}-class model; "
+                               f"found {bad[:5].tolist()}")
+    return t
+
+
+def validate_inputs(model: ModelUnderTest, x) -> torch.Tensor:
+    t = _as_tensor("x", x)
+    if not t.is_floating_point():
+        raise InputError("x", f"must be floating point inputs in the bounds {model.bounds.describe()}, got dtype {t.dtype}"
+                              + ("; scale integer images to the bounds first (e.g. x / 255)" if t.dtype == torch.uint8 else ""))
+    if t.dim() < 2:
+        raise InputError("x", f"must be a batch (samples first) of at least 2 dimensions, got shape {tuple(t.shape)}")
+    if len(t) == 0:
+        raise InputError("x", "is empty: no samples to attack")
+    finite = torch.isfinite(t)
+    if not finite.all():
+        rows = torch.nonzero(~finite.reshape(len(t), -1).all(dim=1)).reshape(-1)
+        raise InputError("x", f"contains NaN or infinite values (in {len(rows)} samples, e.g. index {int(rows[0])})")
+    low, high = model.bounds.tensors(t)
+    outside = ((t < low) | (t > high)).reshape(len(t), -1).any(dim=1)
+    if outside.any():
+        rows = torch.nonzero(outside).reshape(-1)
+        raise InputError("x", f"{len(rows)} samples lie outside the bounds {model.bounds.describe()} "
+                              f"(data range [{float(t.min()):.4g}, {float(t.max()):.4g}], e.g. index {int(rows[0])}); "
+                              "set bounds to your input domain, and keep normalisation inside the model (mean/std)")
+    return t
+
+
+def validate_batch(model: ModelUnderTest, x, y, targets, sample_ids):
+    """Check inputs, labels, targets and ids; inspect the model if not done yet."""
+    x = validate_inputs(model, x)
+    if model.inspection is None:
+        model.inspect(x)
+    elif tuple(x.shape[1:]) != model.inspection.input_shape:
+        raise InputError("x", f"inputs have shape {tuple(x.shape[1:])} but the model was inspected with "
+                              f"{model.inspection.input_shape}")
+    k = model.num_classes
+    y = validate_labels("y", y, len(x), k)
+    if targets is not None:
+        targets = validate_labels("targets", targets, len(x), k)
+    if sample_ids is None:
+        sample_ids = torch.arange(len(x))
+    else:
+        sample_ids = _as_tensor("sample_ids", sample_ids).long().reshape(-1)
+        if len(sample_ids) != len(x):
+            raise InputError("sample_ids", f"has {len(sample_ids)} entries but there are {len(x)} inputs")
+    return x, y, targets, sample_ids

@@ -1,0 +1,193 @@
+"""Evaluation data: the embedded digits set, .npz files, or a user function; validated once.
+
+A data SPEC is one of
+- "digits": scikit-learn's handwritten digits (1x8x8, values scaled to [0, 1]), the held-out split;
+- a path to an .npz with arrays `x` and `y` (loaded without pickle);
+- "pkg.module:function" or "path/to/file.py:function" returning (x, y) arrays/tensors, a
+  torch Dataset of (x, y) pairs, or a DataLoader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from robustlab.errors import InputError
+from robustlab.imports import load_object
+
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.25
+
+
+@dataclass
+class Dataset:
+    """Inputs and integer labels on the CPU, plus where they came from."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    source: str
+    classes: list[str] | None = None
+    indices: torch.Tensor | None = None  # sample ids (position in the source data)
+
+    def __post_init__(self) -> None:
+        if self.indices is None:
+            self.indices = torch.arange(len(self.x))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def head(self, n: int | None) -> "Dataset":
+        if n is None or n >= len(self):
+            return self
+        if n < 1:
+            raise InputError("n", f"must be a positive number of samples, got {n}")
+        return Dataset(self.x[:n], self.y[:n], self.source, self.classes, self.indices[:n])
+
+    def fingerprint(self) -> str:
+        """sha256 of the float32 inputs and int64 labels, in order."""
+        h = hashlib.sha256()
+        h.update(str(tuple(self.x.shape)).encode())
+        h.update(self.x.detach().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(self.y.detach().to(torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {"source": self.source, "n": len(self), "input_shape": list(self.x.shape[1:]),
+                "sha256": self.fingerprint(), "classes_present": sorted(set(self.y.tolist()))}
+
+
+def digits_split(split: str = "test") -> Dataset:
+    """scikit-learn's digits as 1x8x8 images in [0, 1]; a fixed stratified split (75/25)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None]
+    y = bunch.target.astype(np.int64)
+    idx = np.arange(len(x))
+    train_idx, test_idx = train_test_split(idx, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED,
+                                           stratify=y)
+    if split not in ("train", "test"):
+        raise InputError("split", f"expected 'train' or 'test', got {split!r}")
+    chosen = np.sort(train_idx if split == "train" else test_idx)
+    return Dataset(torch.from_numpy(x[chosen]), torch.from_numpy(y[chosen]), f"digits:{split}",
+                   classes=[str(i) for i in range(10)], indices=torch.from_numpy(chosen))
+
+
+def load_data(spec: Any, *, trust_pickle: bool = False) -> Dataset:
+    """Resolve a data SPEC (see module doc) or in-memory data into a `Dataset`."""
+    if isinstance(spec, Dataset):
+        return spec
+    if isinstance(spec, str):
+        if spec in ("digits", "digits:test"):
+            return digits_split("test")
+        if spec == "digits:train":
+            return digits_split("train")
+        if spec.endswith(".npz") or (os.path.exists(spec) and not _looks_like_object_spec(spec)):
+            return _load_npz(spec, trust_pickle=trust_pickle)
+        if _looks_like_object_spec(spec):
+            obj = load_object(spec, argument="data")
+            produced = obj() if callable(obj) and not isinstance(obj, torch.utils.data.Dataset) else obj
+            return from_object(produced, source=spec)
+        raise InputError("data", f"{spec!r} is neither 'digits', an existing .npz file, nor 'module:function'")
+    return from_object(spec, source="in-memory")
+
+
+def _looks_like_object_spec(spec: str) -> bool:
+    head, sep, tail = spec.rpartition(":")
+    return bool(sep) and bool(head) and tail.isidentifier() and not os.path.exists(spec)
+
+
+def _load_npz(path: str, *, trust_pickle: bool) -> Dataset:
+    if not os.path.exists(path):
+        raise InputError("data", f"file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=trust_pickle) as arrays:
+            missing = {"x", "y"} - set(arrays.files)
+            if missing:
+                raise InputError("data", f"{path} must contain arrays 'x' and 'y'; it has {sorted(arrays.files)}")
+            x, y = arrays["x"], arrays["y"]
+    except InputError:
+        raise
+    except ValueError as error:
+        if "pickle" in str(error).lower():
+            raise InputError("data", f"{path} stores object arrays that need unpickling; refused "
+                                     "(pass trust_pickle / --trust-pickle only for files you trust)") from None
+        raise InputError("data", f"cannot read {path}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - zip/format errors of all kinds
+        raise InputError("data", f"cannot read {path} as .npz: {error}") from None
+    return from_object((x, y), source=os.path.basename(path))
+
+
+def from_object(obj: Any, *, source: str) -> Dataset:
+    """(x, y) pair, a torch Dataset, or a DataLoader -> Dataset."""
+    if isinstance(obj, dict) and {"x", "y"} <= set(obj):
+        obj = (obj["x"], obj["y"])
+    if isinstance(obj, torch.utils.data.DataLoader):
+        xs, ys = [], []
+        for batch in obj:
+            bx, by = _pair(batch, source)
+            xs.append(torch.as_tensor(bx))
+            ys.append(torch.as_tensor(by).reshape(-1))
+        if not xs:
+            raise InputError("data", f"{source}: the DataLoader yielded no batches")
+        return _checked(torch.cat(xs), torch.cat(ys), source)
+    if isinstance(obj, torch.utils.data.Dataset) and not isinstance(obj, (tuple, list)):
+        try:
+            length = len(obj)  # type: ignore[arg-type]
+        except TypeError:
+            raise InputError("data", f"{source}: the Dataset has no length; return a DataLoader instead") from None
+        if length == 0:
+            raise InputError("data", f"{source}: the Dataset is empty")
+        items = [_pair(obj[i], source) for i in range(length)]
+        x = torch.stack([torch.as_tensor(a) for a, _ in items])
+        y = torch.as_tensor([int(torch.as_tensor(b)) for _, b in items])
+        return _checked(x, y, source)
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        return _checked(_tensor(obj[0], "x"), _tensor(obj[1], "y"), source)
+    raise InputError("data", f"{source}: expected (x, y) arrays, a torch Dataset or a DataLoader, "
+                             f"got {type(obj).__name__}")
+
+
+def _pair(item: Any, source: str) -> tuple[Any, Any]:
+    if isinstance(item, dict):
+        for xk, yk in (("x", "y"), ("input", "label"), ("image", "label"), ("inputs", "labels")):
+            if xk in item and yk in item:
+                return item[xk], item[yk]
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return item[0], item[1]
+    raise InputError("data", f"{source}: each item must be an (input, label) pair, got {type(item).__name__}")
+
+
+def _tensor(value: Any, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    try:
+        array = np.asarray(value)
+    except Exception as error:  # noqa: BLE001
+        raise InputError(name, f"cannot be read as an array: {error}") from None
+    if array.dtype == object:
+        raise InputError(name, "is an object array (ragged or mixed types); expected numbers")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _checked(x: torch.Tensor, y: torch.Tensor, source: str) -> Dataset:
+    if x.dim() < 2:
+        raise InputError("x", f"{source}: expected a batch of inputs (samples first), got shape {tuple(x.shape)}")
+    if y.dim() > 1 and y.shape[1:].numel() == 1:
+        y = y.reshape(-1)
+    if y.dim() != 1:
+        raise InputError("y", f"{source}: expected one integer label per sample, got shape {tuple(y.shape)}"
+                              + ("; one-hot labels? use y.argmax(1)" if y.dim() == 2 else ""))
+    if len(x) != len(y):
+        raise InputError("data", f"{source}: {len(x)} inputs but {len(y)} labels")
+    if len(x) == 0:
+        raise InputError("data", f"{source}: no samples")
+    if x.dtype in (torch.float64, torch.float16, torch.bfloat16):
+        x = x.to(torch.float32)
+    return Dataset(x.cpu(), y.cpu(), source)

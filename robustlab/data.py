@@ -106,6 +106,10 @@ def _looks_like_object_spec(spec: str) -> bool:
 def _load_npz(path: str, *, trust_pickle: bool) -> Dataset:
     if not os.path.exists(path):
         raise InputError("data", f"file not found: {path}")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise InputError("data", f"cannot read {path}: not an .npz archive (np.savez writes one)")
     try:
         with np.load(path, allow_pickle=trust_pickle) as arrays:
             missing = {"x", "y"} - set(arrays.files)

@@ -217,9 +217,16 @@ class ModelUnderTest:
         Raises InputError for outputs that are not usable logits, before any attack runs.
         """
         x = self.to_device(x[: min(len(x), 64)])
-        with torch.no_grad(), self.evaluating():
-            first = self.raw(x)
-            second = self.raw(x)
+        try:
+            with torch.no_grad(), self.evaluating():
+                first = self.raw(x)
+                second = self.raw(x)
+        except InputError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise InputError("x", f"the model cannot process inputs of shape {tuple(x.shape[1:])} "
+                                  f"(dtype {x.dtype}): {message}") from None
         if first.dim() == 1:
             first, second = first.unsqueeze(1), second.unsqueeze(1)
         if first.dim() != 2 or first.shape[0] != x.shape[0]:

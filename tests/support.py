@@ -1,0 +1,55 @@
+"""Shared test models and data (plain functions, cached per session)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from robustlab.data import Dataset, digits_split
+from robustlab.training import train_classifier
+from robustlab.zoo import DigitsCNN
+
+
+@functools.lru_cache(maxsize=None)
+def digits_model() -> DigitsCNN:
+    """A digits CNN trained for a few seconds (about 96-98% test accuracy)."""
+    return train_classifier(DigitsCNN(), digits_split("train"), epochs=15, seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def digits_test(n: int = 120) -> Dataset:
+    return digits_split("test").head(n)
+
+
+class Softmaxed(nn.Module):
+    """A model that (wrongly, for attacks) returns probabilities."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.inner(x), dim=1)
+
+
+class LogSoftmaxed(Softmaxed):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.inner(x), dim=1)
+
+
+class Noisy(nn.Module):
+    """Adds random noise in the forward pass (randomised 'defense')."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x + 0.05 * torch.randn_like(x))
+
+
+def tiny_linear(in_features: int = 64, classes: int = 10, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, classes)).eval()

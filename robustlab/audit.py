@@ -49,7 +49,7 @@ class _Plan:
     modes: list[str]
     seed: int
     batch_size: int | None
-    device: torch.device
+    device: torch.device | None  # None: each model stays where it is
 
 
 def audit(
@@ -131,7 +131,7 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
         raise InputError("seed", f"must be a non-negative integer, got {seed!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise InputError("batch_size", f"must be a positive integer, got {batch_size!r}")
-    dev = resolve_device(device)
+    dev = None if str(device).lower() == "auto" else resolve_device(device)  # auto: where each model is
     geometry = get_norm(norm)
     eps_list = [eps] if isinstance(eps, (int, float)) else list(eps)
     if not eps_list:
@@ -182,16 +182,14 @@ def _models(model, name, wrap_options, device) -> dict[str, ModelUnderTest]:
     return {mut.name: mut}
 
 
-def _wrap(value, name, options, device) -> ModelUnderTest:
+def _wrap(value, name, options, device: torch.device | None) -> ModelUnderTest:
+    """Wrap plain modules; move a model only when a device was asked for explicitly."""
     if isinstance(value, ModelUnderTest):
         if name and value.name != name:
             value.name = name
-        if value.device != device and isinstance(value.module, nn.Module) and device.type != value.device.type:
-            value.module.to(device)
-            value._device = device
+        if device is not None and value.device != device:
+            value.move_to(device)
         return value
-    if isinstance(value, nn.Module):
-        value = value.to(device)
     return ModelUnderTest(value, name=name, device=device, **options)
 
 
@@ -401,8 +399,9 @@ def _metadata(plan: _Plan, started, finished, seconds, batch_sizes, config) -> d
         "pandas_version": pd.__version__,
         "python_version": sys.version.split()[0],
         "platform": platform.platform(),
-        "device": str(plan.device),
-        "device_name": torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else platform.processor() or "cpu",
+        "device": sorted({str(m.device) for m in plan.models.values()}),
+        "device_name": sorted({torch.cuda.get_device_name(m.device) if m.device.type == "cuda"
+                               else platform.processor() or "cpu" for m in plan.models.values()}),
         "seed": plan.seed,
         "started": started.isoformat(),
         "finished": finished.isoformat(),

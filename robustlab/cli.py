@@ -139,6 +139,7 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n", type=int, help="use the first N samples")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--batch-size", type=int, help="default: chosen automatically, halved on out-of-memory")
+    g.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast) on a CUDA device")
     g.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
@@ -185,7 +186,8 @@ def _audit(args: argparse.Namespace) -> int:
     check_output_dir(args.out)
     device = resolve_device(args.device)
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=device,
-                       bounds=bounds, mean=mean, std=std, name=args.name, classes=classes, output=args.output)
+                       bounds=bounds, mean=mean, std=std, name=args.name, classes=classes, output=args.output,
+                       amp=args.amp)
     from robustlab.data import load_data
 
     data = load_data(args.data, trust_pickle=args.trust_pickle)

@@ -94,6 +94,7 @@ class ModelUnderTest:
         device: torch.device | str | None = None,
         sha256: str | None = None,
         source: str | None = None,
+        amp: bool = False,
     ) -> None:
         if isinstance(module, ModelUnderTest):
             raise InputError("module", "is already a ModelUnderTest; pass it directly instead of wrapping it again")
@@ -123,6 +124,9 @@ class ModelUnderTest:
         self.dtype = _module_dtype(module)
         if device is not None and isinstance(module, nn.Module):
             module.to(self._device)
+        if amp and self._device.type != "cuda":
+            raise InputError("amp", f"mixed precision runs on a CUDA device; the model is on {self._device}")
+        self.amp = amp
         self.inspection: ModelInspection | None = None
         self._output_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._stats_cache: dict = {}
@@ -166,7 +170,11 @@ class ModelUnderTest:
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         """The module's own output on inputs in the user's space (normalisation applied)."""
-        out = self.module(self._normalise(x))
+        if self.amp:
+            with torch.autocast(device_type="cuda", dtype=torch.float16):
+                out = self.module(self._normalise(x))
+        else:
+            out = self.module(self._normalise(x))
         if isinstance(out, (tuple, list)):
             out = out[0]
         if isinstance(out, dict):
@@ -176,7 +184,14 @@ class ModelUnderTest:
                     break
         if not isinstance(out, torch.Tensor):
             raise InputError("model", f"forward must return a tensor of logits, got {type(out).__name__}")
-        return out
+        return out.float() if self.amp else out
+
+    def move_to(self, device: torch.device) -> None:
+        """Move the wrapped module (an explicit request; robustlab never moves models on its own)."""
+        if isinstance(self.module, nn.Module):
+            self.module.to(device)
+        self._device = device
+        self._stats_cache.clear()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, shape (B, num_classes), for inputs in the declared box."""
@@ -288,6 +303,7 @@ class ModelUnderTest:
             "classes": self.classes,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "amp": self.amp,
         }
         if self.inspection is not None:
             i = self.inspection

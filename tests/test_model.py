@@ -116,3 +116,9 @@ def test_state_dict_hash_is_stable_and_sensitive():
     a = tiny_linear(seed=0)
     assert ModelUnderTest(a).sha256() == ModelUnderTest(tiny_linear(seed=0)).sha256()
     assert ModelUnderTest(a).sha256() != ModelUnderTest(tiny_linear(seed=1)).sha256()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_mixed_precision_needs_a_gpu():
+    with pytest.raises(InputError, match="CUDA"):
+        ModelUnderTest(digits_model(), amp=True)

@@ -285,8 +285,13 @@ def validate_inputs(model: ModelUnderTest, x) -> torch.Tensor:
 
 
 def validate_batch(model: ModelUnderTest, x, y, targets, sample_ids):
-    """Check inputs, labels, targets and ids; inspect the model if not done yet."""
+    """Check inputs, labels, targets and ids; inspect the model if not done yet.
+
+    Inputs are converted to the model's dtype here, once: a float32 model can only ever see
+    float32 values, so those are the clean inputs that balls, bounds and norms refer to.
+    """
     x = validate_inputs(model, x)
+    x = validate_inputs(model, x.to(model.dtype)) if x.dtype != model.dtype else x
     if model.inspection is None:
         model.inspect(x)
     elif tuple(x.shape[1:]) != model.inspection.input_shape:

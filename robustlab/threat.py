@@ -172,14 +172,14 @@ def contain(x: torch.Tensor, x_adv: torch.Tensor, eps: torch.Tensor | None, norm
         return out
     eps64 = eps.to(device=x.device, dtype=torch.float64)
     if isinstance(norm, Linf):
+        # Clamp exactly in float64, round to the working dtype, then take one ulp toward x
+        # wherever rounding stepped outside: the result is inside [x - eps, x + eps] exactly.
         e = expand_per_sample(eps64, x)
-        for _ in range(4):  # one round fixes half-ulp overshoot; loop guards pathological cases
-            diff = out.double() - x.double()
-            over, under = diff > e, diff < -e
-            if not bool((over | under).any()):
-                return out
-            out = torch.where(over | under, torch.nextafter(out, x), out)
-        return out
+        x64 = x.double()
+        clamped = torch.minimum(torch.maximum(out.double(), x64 - e), x64 + e).to(x.dtype)
+        diff = clamped.double() - x64
+        outside = (diff > e) | (diff < -e)
+        return torch.where(outside, torch.nextafter(clamped, x), clamped)
     shrink = torch.ones_like(eps64)
     for attempt in range(8):
         n = norm.measure(out.double() - x.double())

@@ -8,8 +8,8 @@ where margin is (label logit - best other) untargeted, (best other - target logi
 A binary search over c per sample (exponential growth until the first success) keeps, per sample,
 the smallest successful perturbation over all iterations and searches.
 
-Differences from a naive port, for correctness: the abort-early test is per sample (so results do
-not depend on which samples share a batch), and a sample that never succeeds is returned as its
+Differences from a naive port, for correctness: the optional abort-early test is per sample (so
+results do not depend on which samples share a batch; off by default, see `abort_early`), and a sample that never succeeds is returned as its
 clean input with success False: a failure is reported as a failure. The smallest perturbation
 found is what `robustlab.attacks.restrict` projects onto each eps ball for bounded evaluations.
 """
@@ -40,7 +40,10 @@ class CW(Attack):
     lr: float = 0.05  # 0.01 (the paper's) needs ~1000 steps to move pixels that sit on the bounds
     initial_const: float = 0.01
     confidence: float = 0.0
-    abort_early: bool = True
+    # Per-sample abort (a sample stops once its loss stalls over a tenth of the steps) keeps results
+    # independent of batch size, but on the digits CNN it gave up to 8.7% larger median L2 than
+    # running every step, and saved no time at 100 steps: off by default, useful for long runs.
+    abort_early: bool = False
 
     def validate(self) -> None:
         if self.norm != "l2":

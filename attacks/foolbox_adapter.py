@@ -41,19 +41,37 @@ class FoolboxAttack(Attack):
 
     @property
     def minimal(self) -> bool:  # type: ignore[override]
-        return self.eps is None
+        """Minimisation attacks (DeepFool, CW, ...) run once without a budget, then per eps."""
+        import foolbox
+
+        return issubclass(self._foolbox_class(), foolbox.attacks.base.MinimizationAttack)
+
+    def _foolbox_class(self) -> type:
+        import foolbox  # lazy: heavy
+
+        cls = getattr(foolbox.attacks, self.attack_class, None)
+        if not isinstance(cls, type) or not issubclass(cls, foolbox.attacks.base.Attack):
+            raise InputError("attack", f"foolbox has no attack named {self.attack_class!r}")
+        return cls
+
+    def native_norm(self) -> str | None:
+        """'linf' or 'l2' from the foolbox attack's distance, if it has one."""
+        distance = getattr(self._foolbox_class()(**self.options), "distance", None)
+        p = getattr(distance, "p", None)
+        return {float("inf"): "linf", 2: "l2"}.get(p)
 
     def validate(self) -> None:
-        import foolbox  # noqa: F401 - lazy, heavy
-
-        if not hasattr(foolbox.attacks, self.attack_class):
-            raise InputError("attack", f"foolbox has no attack named {self.attack_class!r}")
+        self._foolbox_class()
+        native = self.native_norm()
+        if native is not None and native != self.norm and not self.minimal:
+            raise InputError("attack", f"foolbox:{self.attack_class} is an {native} attack with a fixed budget; "
+                                       f"it cannot be evaluated under {self.norm} (use --norm {native})")
 
     def config(self) -> dict:
         return {"attack": f"foolbox:{self.attack_class}", "norm": self.norm, "eps": self.eps, "options": dict(self.options)}
 
     def _validated_eps(self, model, x):
-        if self.eps is None:
+        if self.eps is None and self.minimal:
             return None
         return super()._validated_eps(model, x)
 

@@ -197,7 +197,10 @@ def _build_attack(spec: str | Attack, norm: str, *, steps, restarts, loss) -> At
     if isinstance(spec, Attack):
         attack = spec
     elif isinstance(spec, str):
-        attack = get_attack(spec) if not spec.lower().startswith("foolbox:") else get_attack(spec, norm=norm)
+        attack = get_attack(spec)
+        if spec.lower().startswith("foolbox:"):
+            native = attack.native_norm()  # type: ignore[attr-defined]
+            attack = attack.replace(norm=native if native and attack.minimal else norm)
     else:
         raise InputError("attacks", f"expected attack names or Attack objects, got {type(spec).__name__}")
     changes: dict[str, Any] = {}
@@ -305,8 +308,8 @@ def _summarise(model_name, attack, norm, eps, mode, per_set, x, y, clean_pred, c
     """Rows for one (attack, eps, mode) and its summary record. Robust is per (target set, sample)."""
     n = len(y)
     label = attack.name if not hasattr(attack, "attack_class") else f"foolbox:{attack.attack_class}"
-    # CW's native norm is L2 but its budgeted rows are measured in the audit's norm.
-    row_norm = norm if eps is not None or attack.name != "cw" else "l2"
+    # Budgeted rows are in the audit's norm; an unbounded run is in the attack's own (CW: L2).
+    row_norm = norm if eps is not None else attack.geometry.name
     robust_sets, attacked_sets, success_sets, l2_sets, linf_sets = [], [], [], [], []
     for set_index, (outcome, mask) in enumerate(per_set):
         adv_pred = clean_pred.clone()

@@ -331,12 +331,15 @@ def _binary_prob_to_logits(p: torch.Tensor) -> torch.Tensor:
 
 
 def _detect_output_kind(out: torch.Tensor) -> str:
+    """Probabilities sum to 1 up to the rounding of the model's dtype; logits essentially never do."""
+    tolerance = 2e-3 if out.dtype in (torch.float16, torch.bfloat16) else 2e-5
     out = out.double()
     if out.shape[1] == 1:
-        return "binary_prob" if bool(((out >= 0) & (out <= 1)).all()) and out.std() > 0 else "binary_logit"
-    if bool((out >= 0).all()) and bool(((out.sum(dim=1) - 1).abs() < 1e-3).all()):
+        varies = out.numel() > 1 and bool(out.std() > 0)
+        return "binary_prob" if bool(((out >= 0) & (out <= 1)).all()) and varies else "binary_logit"
+    if bool((out >= 0).all()) and bool(((out.sum(dim=1) - 1).abs() < tolerance).all()):
         return "probs"
-    if bool((out <= 0).all()) and bool((torch.logsumexp(out, dim=1).abs() < 1e-3).all()):
+    if bool((out <= 0).all()) and bool((torch.logsumexp(out, dim=1).abs() < tolerance).all()):
         return "log_probs"
     return "logits"
 

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from robustlab.data import Dataset
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def seeded_init(factory: Callable[[], M], seed: int) -> M:
+    """Build a model with initial weights fixed by `seed`, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
 
 
 def train_classifier(model: nn.Module, data: Dataset, *, epochs: int = 40, lr: float = 3e-3,

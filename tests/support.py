@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from robustlab.data import Dataset, digits_split
-from robustlab.training import train_classifier
+from robustlab.training import seeded_init, train_classifier
 from robustlab.zoo import DigitsCNN
 
 
 @functools.lru_cache(maxsize=None)
 def digits_model() -> DigitsCNN:
     """A digits CNN trained for a few seconds (about 96-98% test accuracy)."""
-    return train_classifier(DigitsCNN(), digits_split("train"), epochs=15, seed=0)
+    return train_classifier(seeded_init(DigitsCNN, 0), digits_split("train"), epochs=15, seed=0)
 
 
 @functools.lru_cache(maxsize=None)

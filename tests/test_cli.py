@@ -33,7 +33,7 @@ def test_demo_writes_results_and_prints_table(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert {r["attack"] for r in summary} == {"fgsm", "pgd", "cw", "worst-case"}
     assert {r["eps"] for r in summary if r["eps"] is not None} == {0.05, 0.1, 0.2}
-    cached = tmp_path / "cache" / "digits-cnn-v1.safetensors"
+    cached = tmp_path / "cache" / "digits-cnn-v2.safetensors"
     first = json.loads((out / "results.json").read_text())["metadata"]["models"]["digits-cnn"]["sha256"]
     stamp = cached.stat().st_mtime_ns
     # the second run reuses the cached model: same file, same hash, no retraining

@@ -13,6 +13,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -27,7 +28,7 @@ from robustlab.attacks.base import check_eps_fits, validate_inputs, validate_lab
 from robustlab.batching import BatchRunner
 from robustlab.data import Dataset, load_data
 from robustlab.errors import InputError
-from robustlab.model import ModelUnderTest
+from robustlab.model import ModelUnderTest, RobustlabWarning
 from robustlab.results import SUMMARY_COLUMNS, WORST_CASE, AuditResult, sample_frame
 from robustlab.threat import Bounds, get_norm
 
@@ -236,6 +237,11 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
     clean_correct = clean_pred == y
     clean_acc = float(clean_correct.double().mean())
     say(f"{mut.name}: clean accuracy {clean_acc:.1%} on {len(x)} samples")
+    chance = float(torch.bincount(y, minlength=mut.num_classes).max()) / len(y)
+    if len(y) >= 20 and clean_acc <= chance + 0.05:
+        warnings.warn(f"model {mut.name!r}: clean accuracy {clean_acc:.1%} is at chance level ({chance:.1%}); "
+                      "are the weights loaded, and do --bounds/--mean/--std match how it was trained?",
+                      RobustlabWarning, stacklevel=3)
     summaries: list[dict] = []
     rows: dict[str, list] = {c: [] for c in _ROW_KEYS}
     for mode in plan.modes:

@@ -172,3 +172,11 @@ def test_bad_data_fails_before_work():
         robustlab.audit(digits_model(), ((d.x * 16).to(torch.uint8), y))
     with pytest.raises(InputError, match="probabilities"):
         robustlab.audit(Softmaxed(digits_model()).eval(), d)
+
+
+def test_chance_level_model_is_flagged():
+    from robustlab.model import RobustlabWarning
+    from robustlab.zoo import DigitsCNN
+
+    with pytest.warns(RobustlabWarning, match="chance level"):
+        robustlab.audit(DigitsCNN().eval(), digits_test(40), attacks=("fgsm",), eps=(0.1,))

@@ -105,7 +105,7 @@ class Attack:
         x, y, targets, sample_ids = validate_batch(model, x, y, targets, sample_ids)
         eps = self._validated_eps(model, x)
         self.validate()
-        runner = BatchRunner(batch_size, model.device)
+        runner = BatchRunner(batch_size, model.device, x[0].numel())
         started = time.perf_counter()
         with model.evaluating():
             parts = runner.run(len(x), lambda a, b: self._attack_slice(
@@ -190,7 +190,7 @@ def restrict(outcome: AttackOutcome, model: ModelUnderTest, x: torch.Tensor, y: 
     geometry = get_norm(norm)
     x, y, targets, _ = validate_batch(model, x, y, outcome.targets, None)
     check_eps_fits(eps, geometry, model, tuple(x.shape[1:]))
-    runner = BatchRunner(batch_size, model.device)
+    runner = BatchRunner(batch_size, model.device, x[0].numel())
     started = time.perf_counter()
 
     def one(a: int, b: int) -> dict:

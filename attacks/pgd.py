@@ -6,7 +6,7 @@
             x_k = clip(x + project_eps(x_{k-1} + alpha * steepest(grad objective(x_{k-1})) - x))
 
 Per sample we keep the first iterate that succeeds, over all steps and restarts; a sample that
-never succeeds keeps its highest-objective iterate. The default step size alpha = 2.5 eps / steps
+never succeeds returns its last iterate. The default step size alpha = 2.5 eps / steps
 lets an iterate cross the ball from any start (Madry et al.). The loop has no host sync: success
 tracking is done with masks on the device.
 """
@@ -23,7 +23,7 @@ from robustlab.threat import expand_per_sample
 
 from .base import Attack, Perturbed
 from .gradient import loss_and_gradient
-from .losses import LOSSES, objective, succeeded
+from .losses import LOSSES, succeeded
 
 RANDOM_START_STREAM = 100  # + restart index; see robustlab.seeding
 
@@ -64,15 +64,12 @@ class PGD(Attack):
         eps_t = torch.full((len(x),), eps, dtype=x.dtype, device=x.device)
         alpha = self.alpha(eps)
         best = x.clone()
-        best_value = torch.full((len(x),), float("-inf"), dtype=x.dtype, device=x.device)
         found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
 
-        def keep(candidate: torch.Tensor, logits: torch.Tensor, value: torch.Tensor) -> None:
-            nonlocal best, best_value, found
+        def keep(candidate: torch.Tensor, logits: torch.Tensor) -> None:
+            nonlocal best, found
             hit = succeeded(logits, y, targets)
-            better = ~found & (hit | (value > best_value))
-            best = torch.where(expand_per_sample(better, x), candidate, best)
-            best_value = torch.where(better, value, best_value)
+            best = torch.where(expand_per_sample(hit & ~found, x), candidate, best)
             found = found | hit
 
         for restart in range(self.restarts):
@@ -83,11 +80,14 @@ class PGD(Attack):
             else:
                 x_adv = x.clone()
             for _ in range(self.steps):
-                logits, value, grad = loss_and_gradient(model, x_adv, y, targets, self.loss)
-                keep(x_adv, logits, value)
+                logits, _, grad = loss_and_gradient(model, x_adv, y, targets, self.loss)
+                keep(x_adv, logits)
                 stepped = x_adv + alpha * norm.steepest(grad)
                 x_adv = torch.minimum(torch.maximum(x + norm.project(stepped - x, eps_t), low), high)
-            with torch.no_grad():
-                logits = model(x_adv)
-            keep(x_adv, logits, objective(self.loss, logits, y, targets))
-        return Perturbed(best, gradient_calls=len(x) * self.steps * self.restarts)
+            if restart < self.restarts - 1:
+                with torch.no_grad():
+                    keep(x_adv, model(x_adv))
+        # The last iterate needs no forward pass of its own: where nothing succeeded earlier it is
+        # returned, and the verification pass (attacks.base.finalize) decides whether it fools.
+        result = torch.where(expand_per_sample(found, x), best, x_adv)
+        return Perturbed(result, gradient_calls=len(x) * self.steps * self.restarts)

@@ -218,7 +218,7 @@ def _build_attack(spec: str | Attack, norm: str, *, steps, restarts, loss) -> At
 
 # ---------------------------------------------------------------------------- running
 def _clean_logits(mut: ModelUnderTest, x: torch.Tensor, batch_size: int | None) -> tuple[torch.Tensor, int]:
-    runner = BatchRunner(batch_size, mut.device)
+    runner = BatchRunner(batch_size, mut.device, x[0].numel())
 
     def one(a: int, b: int) -> torch.Tensor:
         with torch.no_grad():

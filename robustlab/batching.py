@@ -12,12 +12,17 @@ import torch
 
 T = TypeVar("T")
 
-DEFAULT_CPU_BATCH = 256
-DEFAULT_GPU_BATCH = 1024
+DEFAULT_GPU_BATCH = 1024  # halved on out-of-memory until it fits
+CPU_INPUT_VALUES = 1 << 20  # ~1M input values per CPU batch: all digits at once, 341 CIFAR images, 32 at 224x224
+CPU_BATCH_RANGE = (32, 4096)
 
 
-def default_batch_size(device: torch.device) -> int:
-    return DEFAULT_GPU_BATCH if device.type == "cuda" else DEFAULT_CPU_BATCH
+def default_batch_size(device: torch.device, values_per_sample: int = 1) -> int:
+    """GPU: start large and back off on OOM. CPU: OOM is not catchable, so size by input volume."""
+    if device.type == "cuda":
+        return DEFAULT_GPU_BATCH
+    low, high = CPU_BATCH_RANGE
+    return max(low, min(high, CPU_INPUT_VALUES // max(1, values_per_sample)))
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -29,9 +34,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 class BatchRunner:
     """Calls fn(start, stop) over [0, n) in chunks; remembers the largest batch size that fit."""
 
-    def __init__(self, batch_size: int | None, device: torch.device) -> None:
+    def __init__(self, batch_size: int | None, device: torch.device, values_per_sample: int = 1) -> None:
         self.automatic = batch_size is None
-        self.batch_size = batch_size or default_batch_size(device)
+        self.batch_size = batch_size or default_batch_size(device, values_per_sample)
         self.device = device
 
     def run(self, n: int, fn: Callable[[int, int], T]) -> list[T]:

@@ -17,7 +17,8 @@ def test_backs_off_on_out_of_memory_and_covers_every_sample():
         seen.append((start, stop))
         return list(range(start, stop))
 
-    runner = BatchRunner(None, torch.device("cpu"))
+    runner = BatchRunner(None, torch.device("cpu"), values_per_sample=4096)
+    assert runner.batch_size == 256  # 1M input values per CPU batch
     parts = runner.run(1000, work)
     assert [i for part in parts for i in part] == list(range(1000))
     assert runner.batch_size == 16  # 256 -> 128 -> 64 -> 32 -> 16
@@ -39,3 +40,12 @@ def test_explicit_batch_size_is_respected_and_errors_propagate():
 
     with pytest.raises(ValueError):
         BatchRunner(None, torch.device("cpu")).run(20, other)
+
+
+def test_cpu_default_scales_with_input_size():
+    from robustlab.batching import default_batch_size
+
+    cpu = torch.device("cpu")
+    assert default_batch_size(cpu, 64) == 4096  # digits: everything in one batch
+    assert default_batch_size(cpu, 3 * 32 * 32) == 341
+    assert default_batch_size(cpu, 3 * 224 * 224) == 32

@@ -29,7 +29,7 @@ from robustlab.batching import BatchRunner
 from robustlab.data import Dataset, load_data
 from robustlab.errors import InputError
 from robustlab.model import ModelUnderTest, RobustlabWarning
-from robustlab.results import SUMMARY_COLUMNS, WORST_CASE, AuditResult, sample_frame
+from robustlab.results import SUMMARY_COLUMNS, WORST_CASE, AuditResult, example_key, sample_frame
 from robustlab.threat import Bounds, get_norm
 
 DEFAULT_ATTACKS = ("fgsm", "pgd", "cw")
@@ -96,11 +96,13 @@ def audit(
     summaries: list[dict] = []
     frames: list[pd.DataFrame] = []
     batch_sizes: dict[str, int] = {}
+    examples: dict[str, np.ndarray] = {}
     for model_name, mut in plan.models.items():
-        s, f, used = _audit_one(mut, plan, say)
+        s, f, used, shown = _audit_one(mut, plan, say)
         summaries.extend(s)
         frames.append(f)
         batch_sizes[model_name] = used
+        examples.update({k if k.startswith("adv|") else f"{k}|{model_name}": v for k, v in shown.items()})
     summary = pd.DataFrame.from_records(summaries, columns=SUMMARY_COLUMNS)
     samples = pd.concat(frames, ignore_index=True) if frames else sample_frame({})
     finished_wall = _dt.datetime.now(_dt.timezone.utc)
@@ -108,7 +110,7 @@ def audit(
                          {"attacks": [a if isinstance(a, str) else a.config() for a in attacks], "eps": plan.eps,
                           "norm": plan.norm, "targeted": plan.modes, "steps": steps, "restarts": restarts,
                           "loss": loss, "seed": seed, "n": n, "device": str(device), "batch_size": batch_size})
-    return AuditResult(summary=summary, samples=samples, metadata=metadata)
+    return AuditResult(summary=summary, samples=samples, metadata=metadata, examples=examples)
 
 
 # ---------------------------------------------------------------------------- planning
@@ -244,6 +246,8 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
                       RobustlabWarning, stacklevel=3)
     summaries: list[dict] = []
     rows: dict[str, list] = {c: [] for c in _ROW_KEYS}
+    shown = _example_positions(clean_correct, x)
+    examples: dict[str, np.ndarray] = {"sample": ids[shown].numpy(), "clean": x[shown].numpy()}
     for mode in plan.modes:
         target_sets = targeting.select(mode, y, logits, ids, seed=plan.seed, num_classes=mut.num_classes)
         robust_by: dict[tuple[str, float], torch.Tensor] = {}  # (attack, eps) -> per (set, sample) robust
@@ -254,6 +258,8 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
                     mut.name, attack, plan.norm, eps, mode, per_set, x, y, clean_pred, clean_correct, target_sets,
                     seconds, calls, rows, ids)
                 summaries.append(record)
+                examples[example_key(mut.name, record["attack"], eps, mode)] = _adversarial_examples(
+                    per_set[0], x, shown)
                 if eps is not None:
                     robust_by[(record["attack"], eps)] = robust
                     success_by[(record["attack"], eps)] = (attacked, success, l2, linf)
@@ -263,7 +269,27 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
                 continue
             summaries.append(_worst_case(mut.name, plan.norm, eps, mode, keys, robust_by, success_by, summaries,
                                          clean_acc, len(x)))
-    return summaries, sample_frame(rows), used_batch
+    return summaries, sample_frame(rows), used_batch, examples
+
+
+EXAMPLE_VALUES = 200_000  # input values kept per (attack, eps) for reports: 8 digits, 8 CIFAR, 1 ImageNet image
+
+
+def _example_positions(clean_correct: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The first few correctly classified samples: the ones every attack was run on."""
+    count = max(1, min(8, EXAMPLE_VALUES // max(1, x[0].numel())))
+    return torch.nonzero(clean_correct).reshape(-1)[:count]
+
+
+def _adversarial_examples(first_set, x: torch.Tensor, shown: torch.Tensor) -> np.ndarray:
+    """Adversarial inputs of the shown samples (first target set); the clean input where not attacked."""
+    outcome, mask = first_set
+    picked = x[shown].clone()
+    if outcome is not None:
+        position_in_outcome = torch.cumsum(mask.long(), 0) - 1
+        attacked = mask[shown]
+        picked[attacked] = outcome.x_adv[position_in_outcome[shown[attacked]]].to(picked.dtype)
+    return picked.numpy()
 
 
 def _run_attack(attack: Attack, mut, plan: _Plan, x, y, ids, clean_correct, target_sets, say):

@@ -7,6 +7,7 @@ Contract (documented in README.md):
 - results.json: {"schema", "metadata": {...}, "summary": [one record per (model, attack, norm,
   eps, targeted)]}; NaN is written as null.
 - samples.csv: one row per (model, sample, attack, eps, target).
+- examples.npz: a few clean and adversarial inputs for reports (see `example_key`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from robustlab.errors import InputError
@@ -44,6 +46,7 @@ class AuditResult:
     summary: pd.DataFrame
     samples: pd.DataFrame
     metadata: dict[str, Any] = field(default_factory=dict)
+    examples: dict[str, np.ndarray] = field(default_factory=dict)  # see `example_key`; saved as examples.npz
 
     # ---------------------------------------------------------------- queries
     def robust_accuracy(self, *, attack: str = WORST_CASE, eps: float | None = None, model: str | None = None,
@@ -82,6 +85,8 @@ class AuditResult:
                         "summary": _records(self.summary[SUMMARY_COLUMNS + _extra(self.summary, SUMMARY_COLUMNS)])}
             (staging / "results.json").write_text(json.dumps(_clean(document), indent=2, allow_nan=False) + "\n")
             self.samples.to_csv(staging / "samples.csv", index=False, float_format="%.9g")
+            if self.examples:
+                np.savez_compressed(staging / "examples.npz", **self.examples)
             if not target.exists():
                 os.replace(staging, target)
             else:
@@ -128,7 +133,22 @@ def load(directory: str | os.PathLike) -> AuditResult:
     for column, dtype in _SAMPLE_DTYPES.items():
         if dtype == "bool" and column in frame:
             frame[column] = frame[column].astype(bool)
-    return AuditResult(summary=summary, samples=frame, metadata=document.get("metadata", {}))
+    examples: dict[str, np.ndarray] = {}
+    if (path / "examples.npz").exists():
+        with np.load(path / "examples.npz", allow_pickle=False) as arrays:
+            examples = {key: arrays[key] for key in arrays.files}
+    return AuditResult(summary=summary, samples=frame, metadata=document.get("metadata", {}), examples=examples)
+
+
+def example_key(model: str, attack: str, eps: float | None, targeted: str) -> str:
+    """Key of one attack's adversarial examples in examples.npz.
+
+    examples.npz holds, per model, `sample|MODEL` (sample ids) and `clean|MODEL` (their clean inputs),
+    and per (model, attack, eps, targeted mode) `adv|MODEL|ATTACK|EPS|MODE` (the adversarial inputs of
+    the same samples, first target; EPS is `none` for an unbounded run). Predictions and confidences
+    for them are in samples.csv.
+    """
+    return f"adv|{model}|{attack}|{'none' if eps is None else repr(float(eps))}|{targeted}"
 
 
 def sample_frame(rows: dict[str, list]) -> pd.DataFrame:

@@ -180,3 +180,25 @@ def test_chance_level_model_is_flagged():
 
     with pytest.warns(RobustlabWarning, match="chance level"):
         robustlab.audit(DigitsCNN().eval(), digits_test(40), attacks=("fgsm",), eps=(0.1,))
+
+
+def test_examples_hold_verified_adversarial_inputs(result, tmp_path):
+    from robustlab.results import example_key
+
+    ex = result.examples
+    ids, clean = ex["sample|cnn"], ex["clean|cnn"]
+    assert len(ids) == 8 and clean.shape == (8, 1, 8, 8)
+    data = digits_test(60)
+    position = {int(i): p for p, i in enumerate(data.indices)}  # sample ids index the source data set
+    assert np.array_equal(clean, data.x[[position[int(i)] for i in ids]].numpy())
+    s = result.samples
+    for eps in (0.05, 0.15):
+        adv = ex[example_key("cnn", "pgd", eps, "none")]
+        assert np.abs(adv - clean).reshape(8, -1).max(axis=1).max() <= eps * (1 + 1e-6)
+        rows = s[(s["attack"] == "pgd") & (s["eps"] == eps)].set_index("sample").loc[ids]
+        with torch.no_grad():
+            pred = digits_model()(torch.from_numpy(adv)).argmax(1).numpy()
+        assert np.array_equal(pred, rows["adv_pred"].to_numpy())  # the stored inputs are the audited ones
+    result.save(tmp_path / "r")
+    loaded = robustlab.load(tmp_path / "r").examples
+    assert set(loaded) == set(ex) and all(np.array_equal(loaded[k], ex[k]) for k in ex)

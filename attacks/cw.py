@@ -76,7 +76,7 @@ class CW(Attack):
         lower = torch.zeros_like(const)
         upper = torch.full_like(const, math.inf)
         best = x.clone()
-        best_l2 = torch.full((n,), math.inf, dtype=torch.float64, device=x.device)
+        best_l2sq = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
         calls = torch.zeros((), dtype=torch.int64, device=x.device)
         check_every = max(1, math.ceil(self.steps / 10))
         beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
@@ -90,6 +90,7 @@ class CW(Attack):
             found = torch.zeros(n, dtype=torch.bool, device=x.device)
             active = torch.ones(n, dtype=torch.bool, device=x.device)
             previous = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
+            steps_run = 0
             for step in range(self.steps):
                 delta.requires_grad_(True)
                 with torch.enable_grad():
@@ -104,26 +105,35 @@ class CW(Attack):
                     (grad,) = torch.autograd.grad(loss.sum(), delta)
                 delta = delta.detach()
                 x_adv = x_adv.detach()
-                calls = calls + active.sum()
+                steps_run += 1
                 # Success of the iterate just evaluated (with confidence kappa), and best-so-far.
-                adversarial = active & ((margin.detach() + kappa) < 0)
-                l2 = flat(x_adv.double() - x.double()).norm(dim=1)
-                better = adversarial & (l2 < best_l2)
+                # Squared L2 in the working dtype only ranks iterates; reported norms are float64.
+                adversarial = (margin.detach() + kappa) < 0
+                if self.abort_early:
+                    adversarial &= active
+                    calls = calls + active.sum()
+                l2sq = flat(x_adv - x).square().sum(dim=1)
+                better = adversarial & (l2sq < best_l2sq)
                 best = torch.where(expand_per_sample(better, x), x_adv, best)
-                best_l2 = torch.where(better, l2, best_l2)
-                found = found | adversarial
-                # Adam step, frozen for samples that stopped making progress.
+                best_l2sq = torch.where(better, l2sq, best_l2sq)
+                found |= adversarial
+                # Adam, in place.
                 t = step + 1
-                m = beta1 * m + (1 - beta1) * grad
-                v = beta2 * v + (1 - beta2) * grad.square()
-                update = self.lr * (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + adam_eps)
-                delta = delta - update * expand_per_sample(active.to(x.dtype), x)
-                if self.abort_early and step % check_every == 0:
-                    current = loss.detach()
-                    active = active & (current <= 0.9999 * previous)
-                    previous = torch.where(active, current, previous)
-                    if not bool(active.any()):  # one host sync per tenth of the steps
-                        break
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denominator = (v / (1 - beta2 ** t)).sqrt_().add_(adam_eps)
+                if self.abort_early:  # frozen samples keep their delta
+                    delta -= (self.lr / (1 - beta1 ** t)) * m / denominator * expand_per_sample(active.to(x.dtype), x)
+                    if step % check_every == 0:
+                        current = loss.detach()
+                        active = active & (current <= 0.9999 * previous)
+                        previous = torch.where(active, current, previous)
+                        if not bool(active.any()):  # one host sync per tenth of the steps
+                            break
+                else:
+                    delta.addcdiv_(m, denominator, value=-self.lr / (1 - beta1 ** t))
+            if not self.abort_early:
+                calls = calls + n * steps_run
             upper = torch.where(found, torch.minimum(upper, const), upper)
             lower = torch.where(found, lower, torch.maximum(lower, const))
             const = torch.where(torch.isinf(upper), const * 10, (lower + upper) / 2)

@@ -67,7 +67,7 @@ def digits_split(split: str = "test") -> Dataset:
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    x = (bunch.images / 16.0).astype(np.float32)[:, None]
+    x = np.ascontiguousarray((bunch.images / 16.0).astype(np.float32)[:, None])  # standard layout, like iterates
     y = bunch.target.astype(np.int64)
     idx = np.arange(len(x))
     train_idx, test_idx = train_test_split(idx, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED,

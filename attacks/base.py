@@ -111,7 +111,7 @@ class Attack:
             parts = runner.run(len(x), lambda a, b: self._attack_slice(
                 model, x[a:b], y[a:b], None if targets is None else targets[a:b], sample_ids[a:b], eps, seed))
         seconds = time.perf_counter() - started
-        return _concat(self, eps, parts, targets, seconds, runner.batch_size)
+        return _concat(self.name, self.geometry.name, eps, parts, targets, seconds, runner.batch_size)
 
     def validate(self) -> None:
         """Subclasses check their own options here (raise InputError)."""
@@ -166,16 +166,17 @@ def finalize(model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, targets: t
     }
 
 
-def _concat(attack: Attack, eps: float | None, parts: list[dict], targets, seconds: float,
-            batch_size: int) -> AttackOutcome:
+def _concat(attack: str, norm: str, eps: float | None, parts: list[dict], targets, seconds: float,
+            batch_size: int, gradient_calls: int | None = None) -> AttackOutcome:
     def cat(key: str) -> torch.Tensor:
         return torch.cat([p[key] for p in parts]) if parts else torch.empty(0)
     return AttackOutcome(
-        attack=attack.name, norm=attack.geometry.name, eps=eps,
+        attack=attack, norm=norm, eps=eps,
         x_adv=cat("x_adv"), adv_pred=cat("adv_pred").long(), adv_confidence=cat("adv_confidence"),
         success=cat("success").bool(), l2=cat("l2"), linf=cat("linf"),
         targets=None if targets is None else targets.cpu(),
-        gradient_calls=sum(p["gradient_calls"] for p in parts), seconds=seconds, batch_size=batch_size)
+        gradient_calls=sum(p["gradient_calls"] for p in parts) if gradient_calls is None else gradient_calls,
+        seconds=seconds, batch_size=batch_size)
 
 
 def restrict(outcome: AttackOutcome, model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor,
@@ -204,15 +205,9 @@ def restrict(outcome: AttackOutcome, model: ModelUnderTest, x: torch.Tensor, y: 
 
     with model.evaluating():
         parts = runner.run(len(x), one)
-    result = AttackOutcome(
-        attack=outcome.attack, norm=geometry.name, eps=float(eps),
-        x_adv=torch.cat([p["x_adv"] for p in parts]), adv_pred=torch.cat([p["adv_pred"] for p in parts]).long(),
-        adv_confidence=torch.cat([p["adv_confidence"] for p in parts]),
-        success=torch.cat([p["success"] for p in parts]).bool(),
-        l2=torch.cat([p["l2"] for p in parts]), linf=torch.cat([p["linf"] for p in parts]),
-        targets=outcome.targets, gradient_calls=outcome.gradient_calls,
-        seconds=outcome.seconds + time.perf_counter() - started, batch_size=runner.batch_size)
-    return result
+    return _concat(outcome.attack, geometry.name, float(eps), parts, outcome.targets,
+                   outcome.seconds + time.perf_counter() - started, runner.batch_size,
+                   gradient_calls=outcome.gradient_calls)
 
 
 # ---------------------------------------------------------------------------- validation

@@ -102,7 +102,7 @@ def audit(
         summaries.extend(s)
         frames.append(f)
         batch_sizes[model_name] = used
-        examples.update({k if k.startswith("adv|") else f"{k}|{model_name}": v for k, v in shown.items()})
+        examples.update(shown)
     summary = pd.DataFrame.from_records(summaries, columns=SUMMARY_COLUMNS)
     samples = pd.concat(frames, ignore_index=True) if frames else sample_frame({})
     finished_wall = _dt.datetime.now(_dt.timezone.utc)
@@ -247,7 +247,7 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
     summaries: list[dict] = []
     rows: dict[str, list] = {c: [] for c in _ROW_KEYS}
     shown = _example_positions(clean_correct, x)
-    examples: dict[str, np.ndarray] = {"sample": ids[shown].numpy(), "clean": x[shown].numpy()}
+    examples: dict[str, np.ndarray] = {f"sample|{mut.name}": ids[shown].numpy(), f"clean|{mut.name}": x[shown].numpy()}
     for mode in plan.modes:
         target_sets = targeting.select(mode, y, logits, ids, seed=plan.seed, num_classes=mut.num_classes)
         robust_by: dict[tuple[str, float], torch.Tensor] = {}  # (attack, eps) -> per (set, sample) robust

@@ -9,7 +9,6 @@ reproducible. Other test modules keep torch's default thread count.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -18,19 +17,7 @@ import torch
 
 from robustlab.data import Dataset, digits_split
 from robustlab.model import ModelUnderTest
-from robustlab.training import train_classifier
-from robustlab.zoo import DigitsCNN
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """torch on one intra-op thread for the duration; the previous count restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+from support import digits_model, single_thread
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +26,6 @@ def one_thread() -> Iterator[None]:
         yield
 
 
-DIGITS_EPOCHS = 15
-DIGITS_SEED = 0
 N_REFERENCE = 200  # correctly classified test samples used by the reference comparisons
 
 
@@ -66,15 +51,9 @@ def digits_test() -> Dataset:
 
 @pytest.fixture(scope="session")
 def digits_module() -> torch.nn.Module:
-    """DigitsCNN trained for 15 epochs, seed 0, in eval mode. Do not modify it in a test.
-
-    train_classifier seeds the shuffling but not the initial weights, which DigitsCNN() draws from
-    torch's global generator when it is built; seed that too, or every session trains a different
-    model (and the reference figures move from run to run).
-    """
-    with single_thread(), torch.random.fork_rng():
-        torch.manual_seed(DIGITS_SEED)
-        model = train_classifier(DigitsCNN(), digits_split("train"), epochs=DIGITS_EPOCHS, seed=DIGITS_SEED)
+    """The suite's digits CNN (tests/support.py: 15 epochs, seed 0, seeded initial weights, one
+    thread), in eval mode with frozen parameters. Do not modify it in a test."""
+    model = digits_model()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,7 +1,7 @@
 """The `robustlab` command: parse, call the harness, print, exit.
 
 Exit status: 0 all thresholds met, 1 a --fail-under threshold missed, 2 bad usage or bad input
-(nothing is written then).
+(nothing is written then). `report` and `compare` read saved results only and never import torch.
 """
 
 from __future__ import annotations
@@ -123,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.add_argument("--retrain", action="store_true", help="retrain the demo model instead of using the cache")
     demo.add_argument("--quiet", action="store_true", help="no progress messages")
+
+    report = sub.add_parser("report", help="render the HTML report of a results directory",
+                            description="Render DIR/report.html (one self-contained file) and DIR/summary.md from "
+                                        "saved results alone: no model, no re-run.")
+    report.add_argument("dir", metavar="DIR", help="results directory (holds results.json)")
+    report.add_argument("-o", "--out", metavar="FILE", help="where to write the HTML (default DIR/report.html)")
+
+    compare = sub.add_parser("compare", help="compare two results directories",
+                             description="What got better or worse from run A to run B, by how much, per model, "
+                                         "attack and eps. HTML, or markdown when FILE ends in .md.")
+    compare.add_argument("dir_a", metavar="DIR_A", help="baseline results directory")
+    compare.add_argument("dir_b", metavar="DIR_B", help="results directory to compare with the baseline")
+    compare.add_argument("-o", "--out", required=True, metavar="FILE", help="output file (.html or .md)")
     return parser
 
 
@@ -153,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "report":
+            return _report(args)
+        if args.command == "compare":
+            return _compare(args)
         return _audit(args)
     except UsageError as error:
         parser.exit(EXIT_USAGE, f"robustlab {args.command}: error: {error}\n")
@@ -221,19 +238,46 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _finish(result, out: str, thresholds: list[Threshold]) -> int:
+    checks = _check_thresholds(result.summary, thresholds)
+    if thresholds:
+        result.metadata["thresholds"] = [{k: v for k, v in c.items() if k != "line"} for c in checks]
     result.save(out)
     print(result.table())
-    print(f"\nresults: {os.path.join(out, 'results.json')} and samples.csv")
-    missed = _check_thresholds(result.summary, thresholds)
-    return EXIT_THRESHOLD if missed else EXIT_OK
+    report, summary = _render(out)  # from the saved files alone, as `robustlab report` would
+    print(f"\nresults: {os.path.join(out, 'results.json')} and samples.csv; report: {report}; summary: {summary}")
+    for c in checks:
+        print(c["line"])
+    return EXIT_THRESHOLD if any(not c["passed"] for c in checks) else EXIT_OK
 
 
-def _check_thresholds(summary, thresholds: list[Threshold]) -> int:
-    """Print each threshold's verdict; return how many were missed."""
+def _render(directory: str, out: str | None = None) -> tuple:
+    from robustlab.reports import render, write_summary
+
+    report = render(directory, out)
+    return report, write_summary(directory)
+
+
+def _report(args: argparse.Namespace) -> int:
+    report, summary = _render(args.dir, args.out)
+    print(f"report: {report}\nsummary: {summary}")
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from robustlab.reports import compare
+
+    print(f"comparison: {compare(args.dir_a, args.dir_b, args.out)}")
+    return EXIT_OK
+
+
+def _check_thresholds(summary, thresholds: list[Threshold]) -> list[dict]:
+    """One record per (threshold, checked summary row): what was required, what was seen, passed, and
+    the line to print. Recorded in the results' metadata ("thresholds") for the report."""
     import math
 
-    missed = 0
+    checks: list[dict] = []
     for t in thresholds:
+        base = {"metric": t.metric, "value": t.value, "eps": t.eps, "description": t.describe()}
         rows = summary[summary["eps"].notna()]
         if t.metric == "robust_accuracy":
             worst = rows[rows["attack"] == "worst-case"]
@@ -241,16 +285,18 @@ def _check_thresholds(summary, thresholds: list[Threshold]) -> int:
         if t.eps is not None:
             rows = rows[(rows["eps"] - t.eps).abs() <= 1e-9]
         if rows.empty:
-            print(f"FAIL  {t.describe()}: no results to check (is eps {t.eps} among --eps?)")
-            missed += 1
+            checks.append(base | {"observed": None, "passed": False,
+                                  "line": f"FAIL  {t.describe()}: no results to check (is eps {t.eps} among --eps?)"})
             continue
         for _, row in rows.iterrows():
             value = float(row[t.metric])
             ok = not math.isnan(value) and value >= t.value
-            missed += not ok
-            print(f"{'pass' if ok else 'FAIL'}  {t.describe()}: {row['model']} {row['attack']} eps={row['eps']:g} "
-                  f"targeted={row['targeted']}: {value:.4g}")
-    return missed
+            checks.append(base | {
+                "model": str(row["model"]), "attack": str(row["attack"]), "eps": float(row["eps"]),
+                "targeted": str(row["targeted"]), "observed": value, "passed": bool(ok),
+                "line": f"{'pass' if ok else 'FAIL'}  {t.describe()}: {row['model']} {row['attack']} "
+                        f"eps={row['eps']:g} targeted={row['targeted']}: {value:.4g}"})
+    return checks
 
 
 def entry() -> None:  # pragma: no cover - console script shim

@@ -1,0 +1,186 @@
+"""Figures derived from saved results, shared by every output format (HTML, markdown, comparisons).
+
+Everything here reads an `AuditResult` (summary, samples, metadata) and returns plain Python or
+pandas values; nothing renders. Imports: pandas, numpy and robustlab's results types only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from robustlab.results import WORST_CASE, AuditResult
+
+UNTARGETED = "none"
+
+
+@dataclass
+class ThreatModel:
+    """One verdict line: a model under one norm and one targeted mode."""
+
+    model: str
+    norm: str
+    targeted: str
+    n: int
+    clean: float
+    worst: dict[float, float]            # eps -> worst-case robust accuracy over attacks
+    attacks: list[str]                   # attacks that ran with a budget
+    thresholds: list[dict] = field(default_factory=list)
+
+    @property
+    def mode_label(self) -> str:
+        return mode_label(self.targeted)
+
+    @property
+    def status(self) -> str:
+        """'pass', 'fail' or 'none' (no thresholds recorded)."""
+        if not self.thresholds:
+            return "none"
+        return "pass" if all(t.get("passed") for t in self.thresholds) else "fail"
+
+
+def mode_label(targeted: str) -> str:
+    return "untargeted" if targeted == UNTARGETED else f"targeted ({targeted})"
+
+
+def is_num(value: Any) -> bool:
+    try:
+        return value is not None and not pd.isna(value) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def bounded(summary: pd.DataFrame) -> pd.DataFrame:
+    return summary[summary["eps"].notna()] if len(summary) else summary
+
+
+def attack_order(attacks) -> list[str]:
+    seen = list(dict.fromkeys(attacks))
+    return [a for a in seen if a != WORST_CASE] + ([WORST_CASE] if WORST_CASE in seen else [])
+
+
+def eps_values(summary: pd.DataFrame) -> list[float]:
+    rows = bounded(summary)
+    return sorted(float(e) for e in rows["eps"].unique()) if len(rows) else []
+
+
+def worst_case(block: pd.DataFrame) -> dict[float, float]:
+    """eps -> worst-case robust accuracy of one (model, targeted) block.
+
+    The audit writes a `worst-case` row when two or more attacks ran at an eps; with a single
+    attack that attack's row is the worst case.
+    """
+    out: dict[float, float] = {}
+    rows = bounded(block)
+    for eps, at_eps in rows.groupby("eps", sort=True):
+        worst = at_eps[at_eps["attack"] == WORST_CASE]
+        use = worst if len(worst) else at_eps
+        out[float(eps)] = float(use["robust_accuracy"].min())
+    return out
+
+
+def thresholds(metadata: dict) -> list[dict]:
+    """Threshold checks recorded in metadata["thresholds"] (by the CLI or a CI gate), if any."""
+    recorded = metadata.get("thresholds") or []
+    return [t for t in recorded if isinstance(t, dict)]
+
+
+def threat_models(result: AuditResult) -> list[ThreatModel]:
+    summary = result.summary
+    if summary.empty:
+        return []
+    checks = thresholds(result.metadata)
+    out = []
+    for (model, targeted), block in summary.groupby(["model", "targeted"], sort=False):
+        rows = bounded(block)
+        norms = list(dict.fromkeys(rows["norm"])) or list(dict.fromkeys(block["norm"]))
+        mine = [t for t in checks
+                if t.get("model") in (None, model) and t.get("targeted") in (None, targeted)]
+        out.append(ThreatModel(
+            model=str(model), norm=", ".join(map(str, norms)), targeted=str(targeted), n=int(block["n"].iloc[0]),
+            clean=float(block["clean_accuracy"].iloc[0]), worst=worst_case(block),
+            attacks=[a for a in attack_order(rows["attack"]) if a != WORST_CASE], thresholds=mine))
+    return out
+
+
+def models(result: AuditResult) -> list[str]:
+    names = list(dict.fromkeys(result.summary["model"])) if len(result.summary) else []
+    for name in (result.metadata.get("models") or {}):
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def class_names(result: AuditResult, model: str) -> list[str]:
+    info = (result.metadata.get("models") or {}).get(model) or {}
+    names = info.get("classes")
+    count = info.get("num_classes")
+    if not names:
+        labels = result.samples["label"] if len(result.samples) else pd.Series([], dtype="int64")
+        count = count or (int(labels.max()) + 1 if len(labels) else 0)
+        names = [str(i) for i in range(int(count))]
+    return [str(n) for n in names]
+
+
+def minimal_rows(result: AuditResult) -> pd.DataFrame:
+    """Sample rows of unbounded (minimal-perturbation) runs: eps is NaN."""
+    s = result.samples
+    return s[s["eps"].isna()] if len(s) else s
+
+
+def targeted_rows(result: AuditResult) -> pd.DataFrame:
+    s = result.samples
+    return s[(s["targeted"] != UNTARGETED) & s["eps"].notna()] if len(s) else s
+
+
+def per_class(result: AuditResult, model: str, targeted: str) -> pd.DataFrame:
+    """Per true class: n, clean accuracy and worst-case robust accuracy at each eps.
+
+    A sample is robust at an eps when it stayed correct under every attack and every target.
+    """
+    s = result.samples
+    rows = s[(s["model"] == model) & (s["targeted"] == targeted) & s["eps"].notna()]
+    if rows.empty:
+        return pd.DataFrame()
+    per_sample = rows.groupby(["eps", "sample"]).agg(robust=("robust", "all"), label=("label", "first"),
+                                                     clean=("clean_correct", "first")).reset_index()
+    first_eps = per_sample["eps"].min()
+    base = per_sample[per_sample["eps"] == first_eps].groupby("label").agg(n=("sample", "size"),
+                                                                          clean=("clean", "mean"))
+    table = per_sample.pivot_table(index="label", columns="eps", values="robust", aggfunc="mean")
+    table.columns = [float(c) for c in table.columns]
+    return base.join(table)
+
+
+def success_matrix(result: AuditResult, model: str, targeted: str, eps: float, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rate, count): targeted success over any attack, true class x target class, at one eps."""
+    rows = targeted_rows(result)
+    rows = rows[(rows["model"] == model) & (rows["targeted"] == targeted) & rows["attacked"]
+                & ((rows["eps"] - eps).abs() <= 1e-12)]
+    rate = np.full((num_classes, num_classes), np.nan)
+    count = np.zeros((num_classes, num_classes), dtype=int)
+    if rows.empty:
+        return rate, count
+    pairs = rows.groupby(["sample", "target"]).agg(success=("success", "any"), label=("label", "first")).reset_index()
+    grouped = pairs.groupby(["label", "target"])["success"].agg(["mean", "size"]).reset_index()
+    for _, r in grouped.iterrows():
+        i, j = int(r["label"]), int(r["target"])
+        if 0 <= i < num_classes and 0 <= j < num_classes:
+            rate[i, j], count[i, j] = float(r["mean"]), int(r["size"])
+    return rate, count
+
+
+def pct(value: Any, digits: int = 1) -> str:
+    return f"{float(value) * 100:.{digits}f}%" if is_num(value) else "–"
+
+
+def num(value: Any, spec: str = ".3g") -> str:
+    return format(float(value), spec) if is_num(value) else "–"
+
+
+def eps_label(eps: Any) -> str:
+    return "no budget" if not is_num(eps) else f"{float(eps):g}"

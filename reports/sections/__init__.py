@@ -1,0 +1,18 @@
+"""The report's sections, in reading order. Each is one module with
+
+    ID: str                      anchor in the page
+    TITLE: str                   heading (and table-of-contents entry)
+    applies(result) -> bool      whether the results hold what the section shows
+    render(result) -> str        the section's HTML body (everything from results escaped)
+
+where `result` is a loaded `robustlab.results.AuditResult`. Sections that have nothing to show
+(no targeted rows, no minimal-perturbation runs, no image or tabular examples) do not apply and
+are left out, so later work (defenses, explanations, integrity checks) plugs in as one new module
+in `SECTIONS`, shown when its results are present.
+"""
+
+from __future__ import annotations
+
+from . import accuracy, audited, examples, norms, per_class, targeted, verdict
+
+SECTIONS = [verdict, audited, accuracy, targeted, per_class, norms, examples]

@@ -1,0 +1,47 @@
+"""5a. Robust accuracy per true class (worst case over attacks)."""
+
+from __future__ import annotations
+
+from robustlab.results import AuditResult
+
+from .. import facts
+from ..serializers.html import cell, esc, heat, table
+
+ID = "per-class"
+TITLE = "Per-class robust accuracy"
+MAX_ROWS = 20
+
+
+def applies(result: AuditResult) -> bool:
+    s = result.samples
+    return bool(len(s)) and bool(s["eps"].notna().any())
+
+
+def render(result: AuditResult) -> str:
+    out = ['<p class="note">Share of each true class that stayed correct under every attack (and every target) at '
+           'each budget. Sorted by the class label; click a header to sort.</p>']
+    s = result.samples
+    for model in facts.models(result):
+        names = facts.class_names(result, model)
+        modes = list(dict.fromkeys(s.loc[s["model"] == model, "targeted"]))
+        for mode in modes:
+            frame = facts.per_class(result, model, mode)
+            if frame.empty:
+                continue
+            eps_cols = [c for c in frame.columns if isinstance(c, float)]
+            note = ""
+            if len(frame) > MAX_ROWS:
+                key = eps_cols[len(eps_cols) // 2] if eps_cols else "clean"
+                frame = frame.sort_values(key).head(MAX_ROWS)
+                note = (f'<p class="note">{MAX_ROWS} weakest of {len(names)} classes at '
+                        f'eps={key:g}.</p>' if eps_cols else "")
+            rows = []
+            for label, r in frame.iterrows():
+                name = names[int(label)] if 0 <= int(label) < len(names) else str(label)
+                cells = [cell(name, cls="l", sort=int(label)), cell(int(r["n"]), sort=int(r["n"])),
+                         cell(facts.pct(r["clean"]), sort=r["clean"], style=heat(r["clean"]))]
+                cells += [cell(facts.pct(r[e]), sort=r[e], style=heat(r[e])) for e in eps_cols]
+                rows.append("<tr>" + "".join(cells) + "</tr>")
+            out.append(f"<h3>{esc(model)}: {esc(facts.mode_label(mode))}</h3>{note}" +
+                       table(["class", "n", "clean", *[f"eps={e:g}" for e in eps_cols]], rows, sortable=True))
+    return "".join(out)

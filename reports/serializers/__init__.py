@@ -1,0 +1,1 @@
+"""One serializer per output format: `html` (the report, comparisons) and `markdown` (summaries)."""

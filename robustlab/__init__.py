@@ -28,6 +28,9 @@ _LAZY = {
     "InputError": ("robustlab.errors", "InputError"),
     "VerificationError": ("robustlab.errors", "VerificationError"),
     "RobustlabError": ("robustlab.errors", "RobustlabError"),
+    "assert_robust": ("robustlab.gates", "assert_robust"),
+    "assert_no_regression": ("robustlab.gates", "assert_no_regression"),
+    "RobustnessGateError": ("robustlab.gates", "RobustnessGateError"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

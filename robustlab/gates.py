@@ -1,0 +1,445 @@
+"""Robustness gates: pass/fail assertions on audit results, for CI.
+
+    result = robustlab.audit(model, data, attacks=["pgd"], eps=0.1)
+    robustlab.assert_robust(result, attack="pgd", eps=0.1, min_accuracy=0.5)
+    robustlab.assert_no_regression(result, "baseline-results/", margin="robust_accuracy:2%")
+
+This module needs pandas and the standard library only, never torch: gates run on saved results
+(`robustlab.load(dir)`) as well as on fresh ones. The pytest plugin (`robustlab.pytest_plugin`)
+is a thin face over it.
+
+A failed gate raises `RobustnessGateError` (an `AssertionError`, so `pytest.raises(AssertionError)`
+and plain `assert`-style handling work) whose message names the model, attack, norm, eps, targeted
+mode, the measured and the required value, the clean accuracy, the integrity-check verdict and
+where the results are.
+
+Regression margins (`parse_margin`), the same syntax as `--robustlab-compare-fail`:
+
+- `robust_accuracy:2%`   relative: the metric may fall by at most 2% *of the baseline value*
+                          (baseline 0.80 -> at least 0.784);
+- `robust_accuracy:0.02` absolute: the metric may fall by at most 0.02 in its own units
+                          (accuracies are fractions, so 2 percentage points: 0.80 -> at least 0.78).
+
+"Fall" means getting worse: lower for robust_accuracy, clean_accuracy, median_l2 and median_linf
+(a larger perturbation needed is more robust), higher for success_rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from robustlab.errors import InputError
+from robustlab.results import WORST_CASE, AuditResult, load
+
+HIGHER_IS_BETTER = ("robust_accuracy", "clean_accuracy", "median_l2", "median_linf")
+LOWER_IS_BETTER = ("success_rate",)
+MARGIN_METRICS = HIGHER_IS_BETTER + LOWER_IS_BETTER
+DEFAULT_MARGIN = "robust_accuracy:0.02"
+BASELINE_SCHEMA = "robustlab.baseline/1"
+NOT_RUN = "not run"
+_TOLERANCE = 1e-9  # float noise allowed on top of every threshold and margin
+
+
+class RobustnessGateError(AssertionError):
+    """A robustness gate failed; `checks` holds every check of the gate (passed and failed)."""
+
+    def __init__(self, message: str, checks: Sequence["GateCheck"]) -> None:
+        super().__init__(message)
+        self.checks = list(checks)
+
+
+@dataclass(frozen=True)
+class Margin:
+    """How far `metric` may get worse than its baseline: `amount` absolute, or relative if `relative`."""
+
+    metric: str
+    amount: float
+    relative: bool
+
+    def allowed(self, baseline: float) -> float:
+        return self.amount * abs(baseline) if self.relative else self.amount
+
+    def __str__(self) -> str:
+        return f"{self.metric}:{self.amount * 100:g}%" if self.relative else f"{self.metric}:{self.amount:g}"
+
+    def describe(self, baseline: float) -> str:
+        allowed = self.allowed(baseline)
+        if self.relative:
+            return f"allowed {self.amount * 100:g}% of baseline ({allowed:.4g})"
+        return f"allowed {allowed:.4g} absolute"
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One comparison of one summary row against a threshold or a baseline."""
+
+    kind: str  # "min_accuracy", "min_clean_accuracy" or "regression"
+    model: str
+    attack: str
+    norm: str
+    eps: float | None  # None: an attack without a budget (CW's minimal-perturbation row)
+    targeted: str
+    metric: str
+    measured: float
+    required: float  # the bound the measured value had to meet (>= for higher-is-better metrics)
+    passed: bool
+    clean_accuracy: float
+    n: int
+    baseline: float | None = None
+    margin: str | None = None
+    note: str = ""
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.attack, self.norm, self.eps, self.targeted)
+
+    def where(self) -> str:
+        budget = "without a budget" if self.eps is None else f"at {self.norm} eps={self.eps:g}"
+        mode = "untargeted" if self.targeted == "none" else f"targeted: {self.targeted}"
+        return f"model {self.model!r}, attack {self.attack} {budget} ({mode})"
+
+    def line(self) -> str:
+        status = "ok  " if self.passed else "FAIL"
+        relation = "<=" if self.metric in LOWER_IS_BETTER else ">="
+        if self.kind == "regression":
+            delta = self.measured - (self.baseline or 0.0)
+            text = (f"{self.metric} {self.measured:.4g} vs baseline {self.baseline:.4g} ({delta:+.4g}); "
+                    f"required {relation} {self.required:.4g} ({self.note})")
+        else:
+            text = f"{self.metric} measured {self.measured:.4g}, required {relation} {self.required:.4g} ({self.kind})"
+        return f"{status} {self.where()}: {text}"
+
+    def to_dict(self) -> dict:
+        return {k: _finite(v) for k, v in asdict(self).items()}
+
+
+# ---------------------------------------------------------------------------- thresholds
+def evaluate_robust(result: AuditResult | pd.DataFrame, *, attack: str | Sequence[str] = WORST_CASE,
+                    eps: float | Sequence[float] | None = None, min_accuracy: float | None = None,
+                    min_clean_accuracy: float | None = None, norm: str | None = None, targeted: Any = "none",
+                    model: str | None = None) -> list[GateCheck]:
+    """The checks of a robustness gate, without raising. See `assert_robust`."""
+    summary = _summary(result)
+    check_fraction("min_accuracy", min_accuracy)
+    check_fraction("min_clean_accuracy", min_clean_accuracy)
+    if min_accuracy is None and min_clean_accuracy is None:
+        raise InputError("min_accuracy", "give min_accuracy and/or min_clean_accuracy (the gate's thresholds)")
+    rows = select_rows(summary, attack=attack, eps=eps, norm=norm, targeted=targeted, model=model)
+    checks: list[GateCheck] = []
+    for _, row in rows.iterrows():
+        base = _row_fields(row)
+        if min_accuracy is not None:
+            measured = float(row["robust_accuracy"])
+            checks.append(GateCheck(kind="min_accuracy", metric="robust_accuracy", measured=measured,
+                                    required=float(min_accuracy),
+                                    passed=_finite_ge(measured, float(min_accuracy)), **base))
+        if min_clean_accuracy is not None:
+            measured = float(row["clean_accuracy"])
+            checks.append(GateCheck(kind="min_clean_accuracy", metric="clean_accuracy", measured=measured,
+                                    required=float(min_clean_accuracy),
+                                    passed=_finite_ge(measured, float(min_clean_accuracy)), **base))
+    return checks
+
+
+def assert_robust(result: AuditResult, *, attack: str | Sequence[str] = WORST_CASE,
+                  eps: float | Sequence[float] | None = None, min_accuracy: float | None = None,
+                  min_clean_accuracy: float | None = None, norm: str | None = None, targeted: Any = "none",
+                  model: str | None = None, results_dir: str | os.PathLike | None = None) -> list[GateCheck]:
+    """Fail unless robust accuracy under `attack` is at least `min_accuracy` at every `eps`.
+
+    attack: an attack name as in the summary ("pgd", "cw", "foolbox:..."), "worst-case" (default:
+        the per-sample worst case over the audited attacks), or several names (their worst case).
+    eps: one budget or several (each must pass); None: every budgeted eps of that attack.
+    min_clean_accuracy: also require this clean accuracy. model: one model of a multi-model audit
+        (default: every model must pass). results_dir: named in the failure message.
+    Returns the checks when all pass; raises `RobustnessGateError` (an AssertionError) otherwise,
+    and `InputError` when the result has no matching rows.
+    """
+    __tracebackhide__ = True
+    checks = evaluate_robust(result, attack=attack, eps=eps, min_accuracy=min_accuracy,
+                             min_clean_accuracy=min_clean_accuracy, norm=norm, targeted=targeted, model=model)
+    raise_if_failed(checks, result=result, results_dir=results_dir)
+    return checks
+
+
+# ---------------------------------------------------------------------------- regressions
+def parse_margin(text: str | Margin) -> Margin:
+    """'robust_accuracy:2%' (relative to the baseline) or 'robust_accuracy:0.02' (absolute)."""
+    if isinstance(text, Margin):
+        return text
+    match = re.fullmatch(r"\s*([a-z_]+)\s*:\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*", str(text))
+    if not match:
+        raise InputError("margin", f"expected METRIC:AMOUNT or METRIC:PERCENT%, e.g. robust_accuracy:2% or "
+                                   f"robust_accuracy:0.02, got {text!r}")
+    metric, amount, percent = match.groups()
+    if metric not in MARGIN_METRICS:
+        raise InputError("margin", f"unknown metric {metric!r} in {text!r}; expected one of: {', '.join(MARGIN_METRICS)}")
+    value = float(amount) / (100.0 if percent else 1.0)
+    return Margin(metric=metric, amount=value, relative=bool(percent))
+
+
+def evaluate_regression(result: AuditResult | pd.DataFrame, baseline: Any, *,
+                        margin: str | Margin | Iterable[str | Margin] = DEFAULT_MARGIN,
+                        test: str | None = None) -> list[GateCheck]:
+    """Compare every (model, attack, norm, eps, targeted) row present in both result and baseline."""
+    current = _summary(result)
+    before = baseline_summary(baseline, test=test)
+    margins = [parse_margin(m) for m in ([margin] if isinstance(margin, (str, Margin)) else list(margin))]
+    if not margins:
+        raise InputError("margin", "give at least one margin, e.g. robust_accuracy:2%")
+    old = {_row_key(row): row for _, row in before.iterrows()}
+    checks: list[GateCheck] = []
+    matched = 0
+    for _, row in current.iterrows():
+        previous = old.get(_row_key(row))
+        if previous is None:
+            continue
+        matched += 1
+        base = _row_fields(row)
+        for m in margins:
+            now, then = _number(row.get(m.metric)), _number(previous.get(m.metric))
+            if now is None or then is None:
+                continue  # e.g. no successful attack: no median perturbation to compare
+            allowed = m.allowed(then)
+            lower_better = m.metric in LOWER_IS_BETTER
+            required = then + allowed if lower_better else then - allowed
+            passed = now <= required + _TOLERANCE if lower_better else now >= required - _TOLERANCE
+            note = m.describe(then)
+            n_before = _number(previous.get("n"))
+            if n_before is not None and int(n_before) != base["n"]:
+                note += f"; baseline n={int(n_before)}, now n={base['n']}"
+            checks.append(GateCheck(kind="regression", metric=m.metric, measured=now, required=required,
+                                    passed=passed, baseline=then, margin=str(m), note=note, **base))
+    if matched == 0:
+        have = sorted({_key_text(_row_key(r)) for _, r in current.iterrows()})
+        had = sorted({_key_text(_row_key(r)) for _, r in before.iterrows()})
+        raise InputError("baseline", "no (model, attack, norm, eps, targeted) row of the result is in the baseline; "
+                                     f"result has {have[:6]}, baseline has {had[:6]}. Re-save the baseline if the "
+                                     "gate's configuration changed on purpose")
+    return checks
+
+
+def assert_no_regression(result: AuditResult, baseline: Any, *,
+                         margin: str | Margin | Iterable[str | Margin] = DEFAULT_MARGIN, test: str | None = None,
+                         results_dir: str | os.PathLike | None = None) -> list[GateCheck]:
+    """Fail if a metric got worse than in `baseline` by more than `margin` (default robust_accuracy:0.02).
+
+    baseline: an AuditResult, a summary DataFrame or records, a results directory (`result.save`),
+        or a baseline file written by `--robustlab-save-baseline` (then `test` names the test's
+        node id unless the file holds exactly one test).
+    margin: one or several of 'METRIC:AMOUNT' (absolute) / 'METRIC:PERCENT%' (relative to the
+        baseline value); see the module docstring.
+    Rows are matched on (model, attack, norm, eps, targeted); rows in only one of the two are ignored,
+    but a result sharing no row with the baseline is an `InputError`.
+    """
+    __tracebackhide__ = True
+    checks = evaluate_regression(result, baseline, margin=margin, test=test)
+    raise_if_failed(checks, result=result, results_dir=results_dir, title="robustness regression")
+    return checks
+
+
+def baseline_summary(baseline: Any, *, test: str | None = None) -> pd.DataFrame:
+    """The summary frame held by any of the baseline forms `assert_no_regression` accepts."""
+    if isinstance(baseline, AuditResult):
+        return baseline.summary
+    if isinstance(baseline, pd.DataFrame):
+        return baseline
+    if isinstance(baseline, (list, tuple)):
+        return _frame(list(baseline))
+    if isinstance(baseline, (str, os.PathLike)):
+        path = Path(baseline)
+        if path.is_dir():
+            return load(path).summary
+        if not path.is_file():
+            raise InputError("baseline", f"{path} does not exist (expected a results directory or a baseline file)")
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError("baseline", f"cannot read {path}: {error}") from None
+        if isinstance(document, dict) and document.get("schema") == BASELINE_SCHEMA:
+            tests = document.get("tests", {})
+            if test is None:
+                if len(tests) != 1:
+                    raise InputError("test", f"{path} holds {len(tests)} tests; name one with test=NODEID")
+                test = next(iter(tests))
+            if test not in tests:
+                raise InputError("test", f"{path} has no baseline for {test!r}")
+            return _frame(tests[test]["summary"])
+        if isinstance(document, dict) and "summary" in document:
+            return _frame(document["summary"])
+        raise InputError("baseline", f"{path} is neither a robustlab baseline nor a results.json")
+    raise InputError("baseline", f"expected an AuditResult, a summary DataFrame, records or a path, "
+                                 f"got {type(baseline).__name__}")
+
+
+# ---------------------------------------------------------------------------- selection, messages
+def select_rows(summary: pd.DataFrame, *, attack: str | Sequence[str] = WORST_CASE,
+                eps: float | Sequence[float] | None = None, norm: str | None = None, targeted: Any = "none",
+                model: str | None = None) -> pd.DataFrame:
+    """The summary rows a gate looks at; InputError naming what exists when none (or an eps) is missing."""
+    label = gated_attack(attack)
+    mode = normalise_mode(targeted)
+    rows = summary[(summary["attack"] == label) & (summary["targeted"].astype(str) == mode)]
+    if model is not None:
+        rows = rows[rows["model"] == model]
+    if norm is not None:
+        rows = rows[rows["norm"] == str(norm).lower()]
+    if len(rows) == 0:
+        available = sorted({f"{r.attack} ({r.targeted})" for r in summary[["attack", "targeted"]].itertuples()})
+        raise InputError("attack", f"the result has no rows for attack {label!r}, targeted={mode!r}"
+                                   f"{'' if model is None else f', model {model!r}'}; it has: {', '.join(available)}")
+    if eps is None:
+        chosen = rows[rows["eps"].notna()]
+        if len(chosen) == 0:
+            raise InputError("eps", f"attack {label!r} has no budgeted rows; name an eps")
+        return chosen
+    wanted = [eps] if isinstance(eps, (int, float)) else list(eps)
+    picked = []
+    for e in wanted:
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e):
+            raise InputError("eps", f"must be finite numbers, got {e!r}")
+        hit = rows[(rows["eps"] - float(e)).abs() <= 1e-9 * max(1.0, abs(float(e)))]
+        if len(hit) == 0:
+            have = ", ".join(f"{v:g}" for v in sorted(rows["eps"].dropna().unique()))
+            raise InputError("eps", f"the result has no rows for attack {label!r} at eps={e:g}; it has eps {have}")
+        picked.append(hit)
+    return pd.concat(picked)
+
+
+def gated_attack(attack: str | Sequence[str]) -> str:
+    """The summary label a gate reads: the attack itself, or the worst case over several."""
+    if isinstance(attack, str):
+        return attack.strip().lower() if not attack.lower().startswith("foolbox:") else attack.strip()
+    if hasattr(attack, "attack_class"):  # a configured foolbox adapter, labelled as the audit labels it
+        return f"foolbox:{attack.attack_class}"
+    if hasattr(attack, "name") and not isinstance(attack, (list, tuple)):  # a configured Attack object
+        return str(attack.name)
+    names = list(attack)
+    if not names:
+        raise InputError("attack", "give at least one attack")
+    return gated_attack(names[0]) if len(names) == 1 else WORST_CASE
+
+
+def normalise_mode(targeted: Any) -> str:
+    """'none' for untargeted; modes as the audit writes them (a fixed class index as a string)."""
+    if targeted is None or targeted is False:
+        return "none"
+    if isinstance(targeted, int) and not isinstance(targeted, bool):
+        return str(targeted)
+    text = str(targeted).strip().lower().replace("_", "-")
+    return {"untargeted": "none", "ll": "least-likely", "leastlikely": "least-likely", "every": "all"}.get(text, text)
+
+
+def verdict(result: AuditResult | None) -> str | None:
+    """The integrity-check verdict the results carry, or None when the checks were not run."""
+    if result is None:
+        return None
+    metadata = result.metadata or {}
+    for path in (("verdict",), ("integrity", "verdict"), ("checks", "verdict")):
+        node: Any = metadata
+        for part in path:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, str) and node:
+            return node
+    if "verdict" in result.summary.columns:
+        values = [str(v) for v in result.summary["verdict"].dropna().unique()]
+        if values:
+            return ", ".join(values)
+    return None
+
+
+def failure_message(checks: Sequence[GateCheck], *, result: AuditResult | None = None,
+                    results_dir: str | os.PathLike | None = None, title: str = "robustness gate failed",
+                    context: str = "") -> str:
+    """A multi-line message: failed checks first, then the passed ones, clean accuracy, verdict, results."""
+    failed = [c for c in checks if not c.passed]
+    passed = [c for c in checks if c.passed]
+    head = f"{title}: {len(failed)} of {len(checks)} checks failed" + (f" ({context})" if context else "")
+    lines = [head]
+    lines += ["  " + c.line() for c in failed] + ["  " + c.line() for c in passed]
+    seen: dict[str, tuple[float, int]] = {}
+    for c in checks:
+        seen.setdefault(c.model, (c.clean_accuracy, c.n))
+    for model, (clean, n) in seen.items():
+        lines.append(f"  clean accuracy of {model!r}: {clean:.4g} (n={n})")
+    found = verdict(result)
+    lines.append(f"  integrity checks: {found if found else NOT_RUN}")
+    lines.append(f"  results: {results_dir}" if results_dir else
+                 "  results: not saved (pass --robustlab-report DIR, or result.save(DIR), to keep them)")
+    return "\n".join(lines)
+
+
+def raise_if_failed(checks: Sequence[GateCheck], *, result: AuditResult | None = None,
+                    results_dir: str | os.PathLike | None = None, title: str = "robustness gate failed",
+                    context: str = "") -> None:
+    __tracebackhide__ = True
+    if any(not c.passed for c in checks):
+        raise RobustnessGateError(failure_message(checks, result=result, results_dir=results_dir, title=title,
+                                                  context=context), checks)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _summary(result: AuditResult | pd.DataFrame) -> pd.DataFrame:
+    if isinstance(result, AuditResult):
+        return result.summary
+    if isinstance(result, pd.DataFrame):
+        return result
+    raise InputError("result", f"expected an AuditResult (from robustlab.audit or robustlab.load), "
+                               f"got {type(result).__name__}")
+
+
+def _frame(records: list) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(records)
+    if "eps" in frame:
+        frame["eps"] = pd.to_numeric(frame["eps"], errors="coerce").astype("float64")
+    return frame
+
+
+def _row_key(row: Mapping) -> tuple:
+    eps = _number(row.get("eps"))
+    return (str(row.get("model")), str(row.get("attack")), str(row.get("norm")),
+            None if eps is None else round(eps, 12), str(row.get("targeted")))
+
+
+def _key_text(key: tuple) -> str:
+    model, attack, norm, eps, targeted = key
+    return f"{model}/{attack}/{norm}/eps={'none' if eps is None else format(eps, 'g')}/{targeted}"
+
+
+def _row_fields(row: Mapping) -> dict:
+    eps = _number(row.get("eps"))
+    return dict(model=str(row["model"]), attack=str(row["attack"]), norm=str(row["norm"]), eps=eps,
+                targeted=str(row["targeted"]), clean_accuracy=float(row["clean_accuracy"]), n=int(row["n"]))
+
+
+def _number(value: Any) -> float | None:
+    if value is None or value is pd.NA:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _finite_ge(measured: float, required: float) -> bool:
+    return math.isfinite(measured) and measured >= required - _TOLERANCE
+
+
+def check_fraction(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise InputError(name, f"must be a fraction in [0, 1] (0.5 means 50%), got {value!r}")

@@ -1,0 +1,450 @@
+"""The pytest plugin (robustlab.pytest_plugin) and the gates under it (robustlab.gates).
+
+Plugin tests run small pytest sessions with pytester, in process except the xdist one. The inner
+sessions audit a linear model trained for 5 epochs on digits (about 0.1 s) on 32 test samples,
+with PGD at few steps: 78% clean accuracy, about 72% robust at eps 0.01 and 41% at eps 0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import robustlab
+import robustlab.reports
+from robustlab import gates
+from robustlab.errors import InputError
+from robustlab.pytest_plugin import QUICK, _dir_name
+
+pytest_plugins = ["pytester"]
+
+CONFTEST = """
+import pytest
+import torch
+from robustlab.data import load_data
+from robustlab.zoo import linear_classifier
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():  # tiny tensors: OpenMP's thread pool costs more than it saves
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def model():
+    net = linear_classifier(64, 10)
+    net.load_state_dict(torch.load({weights!r}, weights_only=True))
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
+def data():
+    return load_data({data!r}).head(32)
+
+
+@pytest.fixture(scope="session")
+def more_data():
+    return load_data({data!r}).head(100)
+"""
+
+PASSING = """
+import pytest
+
+@pytest.mark.robustness(attack="pgd", eps=0.01, min_accuracy=0.5, steps=5, name="linear")
+def test_small_eps_is_robust(robustlab, model, data):
+    robustlab.check(model, data)
+"""
+
+FAILING = """
+import pytest
+
+@pytest.mark.robustness(attack="pgd", eps=0.1, min_accuracy=0.9, steps=5, name="linear")
+def test_large_eps(robustlab, model, data):
+    robustlab.check(model, data)
+
+@pytest.mark.robustness(attack="pgd", eps=0.2, min_accuracy=0.95, targeted="next", steps=5, name="linear")
+def test_targeted(robustlab, model, data):
+    robustlab.check(model, data)
+"""
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    """The inner sessions' model and data, made once: a linear model trained 5 epochs, 100 test samples.
+
+    Building them here also imports, in this process, every module an audit imports lazily
+    (torch._dynamo...): pytester's in-process runs drop modules first imported during the run, and
+    torch cannot import some of them twice (operator libraries register once per process).
+    """
+    import numpy as np
+    import torch
+
+    from robustlab.data import digits_split
+    from robustlab.training import seeded_init, train_classifier
+    from robustlab.zoo import linear_classifier
+
+    folder = tmp_path_factory.mktemp("plugin-assets")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net = train_classifier(seeded_init(lambda: linear_classifier(64, 10), 0), digits_split("train"), epochs=5,
+                               seed=0)
+        test = digits_split("test").head(100)
+        robustlab.audit(net, test.head(8), attacks=["fgsm", "pgd", "cw"], eps=0.05, steps=2,
+                        targeted=["none", "next"], progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    torch.save(net.state_dict(), folder / "linear.pt")
+    np.savez(folder / "digits.npz", x=test.x.numpy(), y=test.y.numpy())
+    return {"weights": str(folder / "linear.pt"), "data": str(folder / "digits.npz")}
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, assets) -> pytest.Pytester:
+    pytester.makeconftest(CONFTEST.format(**assets))
+    return pytester
+
+
+def _summary_row(results_dir: Path, attack: str, eps: float, targeted: str = "none") -> dict:
+    document = json.loads((results_dir / "results.json").read_text())
+    rows = [r for r in document["summary"]
+            if r["attack"] == attack and r["eps"] == eps and r["targeted"] == targeted]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+# ---------------------------------------------------------------------------- import cost
+@pytest.mark.parametrize("module, absent", [
+    ("robustlab.pytest_plugin", ("torch", "pandas", "numpy", "robustlab.audit", "robustlab.gates")),
+    ("robustlab.gates", ("torch",)),
+])
+def test_import_is_light(module, absent):
+    code = f"import sys, {module}; print(sorted(m for m in {absent!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"importing {module} loaded {out.strip()}"
+
+
+# ---------------------------------------------------------------------------- gates (no pytest session)
+def _frame(**robust) -> pd.DataFrame:
+    rows = []
+    for key, value in robust.items():
+        attack, eps = key.rsplit("_", 1)
+        rows.append({"model": "m", "attack": attack.replace("worst", "worst-case"), "norm": "linf",
+                     "eps": float(eps) / 100, "targeted": "none", "n": 100, "clean_accuracy": 0.9,
+                     "robust_accuracy": value, "success_rate": 1 - value, "median_l2": 1.0, "median_linf": 0.1})
+    return pd.DataFrame(rows)
+
+
+def test_margin_percent_is_relative_and_plain_number_is_absolute():
+    relative = gates.parse_margin("robust_accuracy:2%")
+    absolute = gates.parse_margin("robust_accuracy:0.02")
+    assert (relative.relative, relative.amount) == (True, pytest.approx(0.02))
+    assert (absolute.relative, absolute.amount) == (False, pytest.approx(0.02))
+    assert relative.allowed(0.5) == pytest.approx(0.01) and absolute.allowed(0.5) == pytest.approx(0.02)
+    baseline = _frame(pgd_10=0.50)
+    # 0.485: a drop of 0.015, over 2% of 0.5 (0.01) but within 0.02 absolute
+    current = _frame(pgd_10=0.485)
+    [rel] = gates.evaluate_regression(current, baseline, margin="robust_accuracy:2%")
+    [abs_] = gates.evaluate_regression(current, baseline, margin="robust_accuracy:0.02")
+    assert not rel.passed and rel.required == pytest.approx(0.49)
+    assert abs_.passed and abs_.required == pytest.approx(0.48)
+    # success_rate: higher is worse
+    [rate] = gates.evaluate_regression(current, baseline, margin="success_rate:0.01")
+    assert not rate.passed and rate.required == pytest.approx(0.51)
+    for bad in ("robust_accuracy", "accuracy:2%", "robust_accuracy:-1", "robust_accuracy:2%%"):
+        with pytest.raises(InputError, match="margin"):
+            gates.parse_margin(bad)
+
+
+def test_gates_are_exported_lazily_and_fail_with_assertion_errors():
+    assert robustlab.assert_robust is gates.assert_robust
+    assert robustlab.assert_no_regression is gates.assert_no_regression
+    summary = _frame(pgd_5=0.8, pgd_10=0.4)
+    result = robustlab.AuditResult(summary=summary, samples=pd.DataFrame())
+    checks = robustlab.assert_robust(result, attack="pgd", eps=0.05, min_accuracy=0.5)
+    assert [c.passed for c in checks] == [True]
+    with pytest.raises(AssertionError) as info:
+        robustlab.assert_robust(result, attack="pgd", eps=[0.05, 0.1], min_accuracy=0.5, results_dir="out/")
+    message = str(info.value)
+    assert "1 of 2 checks failed" in message
+    assert "FAIL model 'm', attack pgd at linf eps=0.1 (untargeted): robust_accuracy measured 0.4, " \
+           "required >= 0.5" in message
+    assert "clean accuracy of 'm': 0.9 (n=100)" in message
+    assert "integrity checks: not run" in message and "results: out/" in message
+    with pytest.raises(InputError, match="eps 0.05, 0.1"):
+        robustlab.assert_robust(result, attack="pgd", eps=0.3, min_accuracy=0.5)
+    with pytest.raises(InputError, match="no rows for attack 'cw'"):
+        robustlab.assert_robust(result, attack="cw", eps=0.1, min_accuracy=0.5)
+    with pytest.raises(InputError, match="no .* row of the result is in the baseline"):
+        robustlab.assert_no_regression(result, _frame(fgsm_10=0.5))
+    # the verdict of integrity checks, once results carry one
+    result.metadata["integrity"] = {"verdict": "robustness not established"}
+    with pytest.raises(AssertionError, match="integrity checks: robustness not established"):
+        robustlab.assert_robust(result, attack="pgd", eps=0.1, min_accuracy=0.5)
+
+
+def test_report_directory_names_are_safe_and_distinct():
+    assert _dir_name("tests/test_m.py::test_a") == "tests_test_m.py__test_a"
+    a, b = _dir_name("t.py::test[0.1-pgd]"), _dir_name("t.py::test[0.1/pgd]")
+    assert a != b and all(c.isalnum() or c in "._=+-" for c in a + b)
+
+
+# ---------------------------------------------------------------------------- gates in a session
+def test_passing_gate_and_summary_table(project):
+    project.makepyfile(test_gate=PASSING)
+    run = project.runpytest_inprocess("-p", "no:cacheprovider")
+    run.assert_outcomes(passed=1)
+    run.stdout.fnmatch_lines([
+        "*robustlab robustness gates*",
+        "test * model * attack * eps * clean * robust * required * baseline * verdict * result",
+        "test_gate.py::test_small_eps_is_robust * linear * pgd * linf 0.01 * 0.781 * 0.* 0.500 * - * not run * PASS",
+        "1 gates, 0 failed",
+    ])
+
+
+def test_failing_gate_names_model_attack_eps_and_values(project):
+    project.makepyfile(test_gate=FAILING)
+    run = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-report", "rep")
+    run.assert_outcomes(failed=2)
+    out = run.stdout.str()
+    rep = project.path / "rep"
+    untargeted = _summary_row(rep / "test_gate.py__test_large_eps", "pgd", 0.1)
+    targeted = _summary_row(rep / "test_gate.py__test_targeted", "pgd", 0.2, "next")
+    assert untargeted["robust_accuracy"] < 0.9 and targeted["robust_accuracy"] < 0.95
+    assert ("FAIL model 'linear', attack pgd at linf eps=0.1 (untargeted): robust_accuracy measured "
+            f"{untargeted['robust_accuracy']:.4g}, required >= 0.9 (min_accuracy)") in out
+    assert ("FAIL model 'linear', attack pgd at linf eps=0.2 (targeted: next): robust_accuracy measured "
+            f"{targeted['robust_accuracy']:.4g}, required >= 0.95 (min_accuracy)") in out
+    assert f"clean accuracy of 'linear': {untargeted['clean_accuracy']:.4g} (n=32)" in out
+    assert "integrity checks: not run" in out
+    assert f"results: {rep / 'test_gate.py__test_large_eps'}" in out
+    if callable(getattr(robustlab.reports, "render", None)):  # the HTML report, once its renderer exists
+        html = rep / "test_gate.py__test_large_eps" / "report.html"
+        assert html.is_file() and f"(report: {html})" in out
+    run.stdout.fnmatch_lines(["*test_gate.py::test_large_eps * linear * pgd * linf 0.1 * 0.900 * FAIL",
+                              "*test_gate.py::test_targeted * linear * pgd (targeted: next) * linf 0.2 * FAIL",
+                              "2 gates, 2 failed"])
+
+
+def test_unknown_marker_argument_is_a_clear_error(project):
+    project.makepyfile(test_gate="""
+        import pytest
+
+        @pytest.mark.robustness(attack="pgd", epsilon=0.1, min_accuracy=0.5)
+        def test_typo(robustlab, model, data):
+            robustlab.check(model, data)
+
+        @pytest.mark.robustness(attack="pgd", eps=0.1, min_accuracy=0.5)
+        def test_no_fixture(model, data):
+            pass
+
+        @pytest.mark.robustness(attack="pgd", eps=0.1, min_accuracy=50)
+        def test_percent_not_fraction(robustlab, model, data):
+            robustlab.check(model, data)
+    """)
+    run = project.runpytest_inprocess("-p", "no:cacheprovider")
+    run.assert_outcomes(errors=2, failed=1)
+    assert "InputError: min_accuracy: must be a fraction in [0, 1] (0.5 means 50%), got 50" in run.stdout.str()
+    run.stdout.fnmatch_lines([
+        "*@pytest.mark.robustness on test_gate.py::test_typo: unknown argument 'epsilon'; allowed: attack, eps, "
+        "min_accuracy, norm, targeted, n, steps, restarts, min_clean_accuracy, name",
+        "*test_no_fixture: the test does not use the `robustlab` fixture*",
+    ])
+
+
+def test_report_files_session_json_and_markdown(project, monkeypatch):
+    rendered = []
+
+    def render(results_dir, out=None):  # stands in for robustlab.reports.render while it is being written
+        rendered.append(Path(results_dir))
+        Path(out).write_text("<html>report</html>")
+        return Path(out)
+
+    monkeypatch.setattr(robustlab.reports, "render", render, raising=False)
+    project.makepyfile(test_gate=PASSING + FAILING + """
+import robustlab as rl
+
+def test_explicit(robustlab, model, data):
+    result = robustlab.audit(model, data, attacks=["fgsm", "pgd"], eps=[0.01, 0.05], steps=5, name="linear")
+    saved = rl.load(robustlab.settings.report / "test_gate.py__test_explicit")
+    assert len(saved.summary) == len(result.summary) == 6  # (fgsm, pgd, worst-case) x 2 eps
+    robustlab.assert_robust(result, attack="worst-case", eps=0.05, min_accuracy=0.3)
+""")
+    run = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-report", "rep",
+                                      "--robustlab-json", "gates.json")
+    run.assert_outcomes(passed=2, failed=2)
+    rep = project.path / "rep"
+    names = ["test_gate.py__test_small_eps_is_robust", "test_gate.py__test_large_eps", "test_gate.py__test_targeted",
+             "test_gate.py__test_explicit"]
+    for name in names:
+        assert {"results.json", "samples.csv", "report.html"} <= {p.name for p in (rep / name).iterdir()}
+        assert len(robustlab.load(rep / name).summary) >= 1
+    assert sorted(rendered) == sorted(rep / name for name in names)
+    session = json.loads((rep / "session.json").read_text())
+    assert session == json.loads((project.path / "gates.json").read_text()) | {"created": session["created"]}
+    assert session["schema"] == "robustlab.pytest-session/1" and session["passed"] is False
+    by_test = {g["test"]: g for g in session["gates"]}
+    assert set(by_test) == {f"test_gate.py::{n.split('__')[1]}" for n in names}
+    assert by_test["test_gate.py::test_explicit"]["attack"] == "worst-case"
+    assert by_test["test_gate.py::test_large_eps"]["passed"] is False
+    assert by_test["test_gate.py::test_large_eps"]["required"] == 0.9
+    assert by_test["test_gate.py::test_large_eps"]["results_dir"] == str(rep / "test_gate.py__test_large_eps")
+    assert by_test["test_gate.py::test_small_eps_is_robust"]["passed"] is True
+    assert by_test["test_gate.py::test_small_eps_is_robust"]["verdict"] == "not run"
+    markdown = (rep / "summary.md").read_text()
+    assert "4 gates, 2 failed." in markdown
+    assert "| `test_gate.py::test_large_eps` | linear | pgd | linf 0.1 |" in markdown and "❌ **FAIL**" in markdown
+    run.stdout.fnmatch_lines([f"robustlab: wrote {rep / 'session.json'}", f"robustlab: wrote {rep / 'summary.md'}",
+                              f"robustlab: wrote {project.path / 'gates.json'}"])
+
+
+def test_regression_against_a_saved_baseline(project):
+    project.makepyfile(test_gate=PASSING + """
+def test_audit_only(robustlab, model, data):
+    robustlab.audit(model, data, attacks=["pgd"], eps=0.05, steps=5, name="linear")
+""")
+    saved = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-save-baseline", "baseline.json")
+    saved.assert_outcomes(passed=2)
+    path = project.path / "baseline.json"
+    baseline = json.loads(path.read_text())
+    assert set(baseline["tests"]) == {"test_gate.py::test_small_eps_is_robust", "test_gate.py::test_audit_only"}
+
+    same = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json",
+                                       "--robustlab-compare-fail", "robust_accuracy:0")
+    same.assert_outcomes(passed=2)
+
+    # pretend the baseline model was 0.2 more robust on every row
+    for entry in baseline["tests"].values():
+        for row in entry["summary"]:
+            row["robust_accuracy"] += 0.2
+    path.write_text(json.dumps(baseline))
+    gated = baseline["tests"]["test_gate.py::test_small_eps_is_robust"]["summary"][0]["robust_accuracy"]
+    worse = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json",
+                                        "--robustlab-compare-fail", "robust_accuracy:2%")
+    worse.assert_outcomes(failed=2)
+    out = worse.stdout.str()
+    assert f"vs baseline {gated:.4g} (-0.2); required >= {gated * 0.98:.4g} (allowed 2% of baseline" in out
+    assert "robustness regression: 1 of 1 checks failed (test_gate.py::test_audit_only)" in out
+    worse.stdout.fnmatch_lines([f"*test_small_eps_is_robust * linear * pgd * linf 0.01 * 0.500 * {gated:.3f} *FAIL"])
+
+    quick = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json",
+                                        "--robustlab-compare-fail", "robust_accuracy:50%", "--robustlab-quick")
+    quick.assert_outcomes(failed=2)
+    quick.stdout.fnmatch_lines(["*was saved without --robustlab-quick and this session runs with --robustlab-quick*"])
+
+    absolute = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json",
+                                           "--robustlab-compare-fail", "robust_accuracy:0.1")
+    absolute.assert_outcomes(failed=2)
+    # relative margins scale with the baseline: 50% of ~0.9 allows the 0.2 drop; so does 0.25 absolute
+    for margin in ("robust_accuracy:50%", "robust_accuracy:0.25"):
+        lenient = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json",
+                                              "--robustlab-compare-fail", margin)
+        lenient.assert_outcomes(passed=2)
+    # a baseline without a fail criterion is shown, never enforced
+    shown = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json")
+    shown.assert_outcomes(passed=2)
+    shown.stdout.fnmatch_lines([f"*test_small_eps_is_robust * 0.500 * {gated:.3f} * not run * PASS"])
+
+
+def test_ini_options_and_command_line_override(project):
+    project.makeini("""
+        [pytest]
+        robustlab_seed = 7
+        robustlab_quick = true
+        robustlab_report = ini-report
+    """)
+    project.makepyfile(test_gate="""
+        import pytest
+
+        @pytest.mark.robustness(attack=["pgd", "cw"], eps=0.05, min_accuracy=0.1, name="linear")
+        def test_gate(robustlab, model, more_data):
+            result = robustlab.check(model, more_data)
+            print("SEED", result.metadata["seed"], "QUICK", robustlab.settings.quick, "N", int(result.summary["n"][0]))
+            print("CONFIGS", sorted((c["attack"], c["steps"]) for c in result.metadata["attack_configs"]))
+            print("SEARCH", [c["binary_search_steps"] for c in result.metadata["attack_configs"] if c["attack"] == "cw"])
+    """)
+    run = project.runpytest_inprocess("-p", "no:cacheprovider", "-s")
+    run.assert_outcomes(passed=1)
+    run.stdout.fnmatch_lines([f"*SEED 7 QUICK True N {QUICK['n']}",
+                              f"CONFIGS [('cw', {QUICK['cw_steps']}), ('pgd', {QUICK['pgd_steps']})]",
+                              f"SEARCH [{QUICK['cw_binary_search_steps']}]",
+                              "*test_gate.py::test_gate * linear * worst-case * linf 0.05 *PASS",
+                              "1 gates, 0 failed; quick mode"])
+    assert (project.path / "ini-report" / "test_gate.py__test_gate" / "results.json").exists()
+
+    run = project.runpytest_inprocess("-p", "no:cacheprovider", "-s", "--robustlab-seed", "3",
+                                      "--robustlab-report", "cli-report", "-o", "robustlab_quick=false")
+    run.assert_outcomes(passed=1)
+    run.stdout.fnmatch_lines(["*SEED 3 QUICK False N 100", "CONFIGS [('cw', 100), ('pgd', 20)]", "SEARCH [5]"])
+    session = json.loads((project.path / "cli-report" / "session.json").read_text())
+    assert session["options"]["seed"] == 3 and session["options"]["quick"] is False
+
+
+def test_bad_option_values_are_usage_errors(project):
+    project.makepyfile(test_gate=PASSING)
+    (project.path / "b.json").write_text(json.dumps({"schema": "robustlab.baseline/1", "tests": {}}))
+    for args, message in [(["--robustlab-device", "tpu"], "--robustlab-device: expected auto, cpu, cuda or cuda:N"),
+                          (["--robustlab-seed", "x"], "--robustlab-seed: expected a non-negative integer"),
+                          (["--robustlab-baseline", "b.json", "--robustlab-compare-fail", "accuracy:2"],
+                           "--robustlab-compare-fail: unknown metric 'accuracy'"),
+                          (["--robustlab-baseline", "missing.json"], "missing.json does not exist")]:
+        run = project.runpytest_inprocess("-p", "no:cacheprovider", *args)
+        assert run.ret == pytest.ExitCode.USAGE_ERROR, args
+        run.stderr.fnmatch_lines([f"*{message}*"])
+
+
+def test_help_lists_the_options_and_ini_names(project):
+    run = project.runpytest_inprocess("--help")
+    assert run.ret == 0
+    run.stdout.fnmatch_lines(["robustness gates (robustlab):", "*--robustlab-device=DEVICE*",
+                              "*--robustlab-report=DIR*", "*--robustlab-compare-fail=METRIC:AMOUNT*",
+                              "*robust_accuracy:2%): fail tests whose metric got worse*", "*--robustlab-quick*",
+                              "*robustlab_compare_fail (args)*", "*robustlab_quick (bool)*"])
+    markers = project.runpytest_inprocess("--markers")
+    markers.stdout.fnmatch_lines(["@pytest.mark.robustness(attack='pgd', eps=..., min_accuracy=...*"])
+
+
+def test_cuda_requested_without_a_gpu_skips_with_reason(project):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    project.makepyfile(test_gate=PASSING)
+    run = project.runpytest_inprocess("-p", "no:cacheprovider", "-rs", "--robustlab-device", "cuda")
+    run.assert_outcomes(skipped=1)
+    run.stdout.fnmatch_lines(["*SKIPPED*robustlab: device 'cuda' requested (--robustlab-device) but CUDA is not "
+                              "available*"])
+
+
+def test_xdist_workers_write_per_test_reports_and_the_controller_summarises_all(project):
+    pytest.importorskip("xdist")
+    project.makepyfile(test_gate=PASSING + FAILING + """
+import pytest
+
+@pytest.mark.parametrize("eps", [0.01, 0.02])
+def test_param(robustlab, model, data, eps):
+    robustlab.check(model, data, eps=eps, min_accuracy=0.3, steps=5, name="linear")
+""")
+    run = project.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--robustlab-report", "rep",
+                                       "--robustlab-save-baseline", "baseline.json", timeout=120)
+    run.assert_outcomes(passed=3, failed=2)
+    rep = project.path / "rep"
+    session = json.loads((rep / "session.json").read_text())
+    tests = {"test_gate.py::test_small_eps_is_robust", "test_gate.py::test_large_eps", "test_gate.py::test_targeted",
+             "test_gate.py::test_param[0.01]", "test_gate.py::test_param[0.02]"}
+    assert {g["test"] for g in session["gates"]} == tests
+    dirs = {g["results_dir"] for g in session["gates"]}
+    assert len(dirs) == 5 and all((Path(d) / "results.json").exists() for d in dirs)
+    assert {p.name for p in rep.iterdir() if p.is_dir()} == {Path(d).name for d in dirs}
+    assert set(json.loads((project.path / "baseline.json").read_text())["tests"]) == tests
+    run.stdout.fnmatch_lines(["*robustlab robustness gates*", "5 gates, 2 failed"])
+    for test in tests:
+        assert f"{test} " in run.stdout.str()

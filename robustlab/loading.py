@@ -23,7 +23,7 @@ from torch import nn
 
 from robustlab.errors import InputError, UntrustedFileError
 from robustlab.imports import load_object
-from robustlab.model import ModelUnderTest, file_sha256
+from robustlab.model import ModelUnderTest, file_sha256, is_exported
 
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "weights")
 
@@ -42,7 +42,7 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
     else:
         module, source, digest = _load_factory(spec, weights, trust_pickle=trust_pickle)
         default_name = Path(weights).stem if weights else spec.rpartition(":")[2]
-    if isinstance(module, nn.Module) and not _exported(module):
+    if isinstance(module, nn.Module) and not is_exported(module):
         module.eval()
         module.to(device)
     return ModelUnderTest(module, name=name or default_name, sha256=digest, source=source, device=device,
@@ -56,10 +56,6 @@ def _is_file_spec(spec: str) -> bool:
     if sep and head and tail.isidentifier():
         return False
     raise InputError("model", f"file not found: {spec} (expected a model file, or 'package.module:factory')")
-
-
-def _exported(module: nn.Module) -> bool:
-    return any(cls.__name__ == "_StatefulGraphModule" for cls in type(module).__mro__)
 
 
 def _load_file(path: str, *, trust_pickle: bool, device: torch.device) -> tuple[nn.Module, str]:

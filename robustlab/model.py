@@ -104,7 +104,7 @@ class ModelUnderTest:
             raise InputError("output", f"expected one of {', '.join(OUTPUT_KINDS)}, got {output!r}")
         if isinstance(module, nn.Module):
             training = [n or "<root>" for n, m in module.named_modules() if m.training]
-            if training and not _is_exported(module):
+            if training and not is_exported(module):
                 raise InputError(
                     "model",
                     f"is in training mode ({', '.join(training[:3])}{'...' if len(training) > 3 else ''}): "
@@ -214,7 +214,7 @@ class ModelUnderTest:
         modes = [(m, m.training) for m in module.modules()]
         grads = [(p, p.requires_grad) for p in module.parameters()]
         try:
-            if not _is_exported(module):
+            if not is_exported(module):
                 module.eval()
             for p, _ in grads:
                 p.requires_grad_(False)
@@ -374,7 +374,7 @@ def _module_dtype(module: object) -> torch.dtype:
     return torch.float32
 
 
-def _is_exported(module: nn.Module) -> bool:
+def is_exported(module: nn.Module) -> bool:
     """Modules from torch.export: their train/eval mode is fixed at export time (eval() raises)."""
     return any(cls.__name__ == "_StatefulGraphModule" for cls in type(module).__mro__)
 

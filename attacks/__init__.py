@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from robustlab.errors import InputError
 
-from .base import Attack, AttackOutcome, restrict
+from .base import Attack, AttackOutcome, restrict, transfer
 from .cw import CW
 from .fgsm import FGSM
 from .foolbox_adapter import FoolboxAttack
@@ -31,4 +31,4 @@ def get_attack(name: str, **options) -> Attack:
     return ATTACKS[key](**options)
 
 
-__all__ = ["Attack", "AttackOutcome", "FGSM", "PGD", "CW", "FoolboxAttack", "get_attack", "restrict", "ATTACKS"]
+__all__ = ["Attack", "AttackOutcome", "FGSM", "PGD", "CW", "FoolboxAttack", "get_attack", "restrict", "transfer", "ATTACKS"]

@@ -189,23 +189,46 @@ def restrict(outcome: AttackOutcome, model: ModelUnderTest, x: torch.Tensor, y: 
     discarding the out-of-budget ones.
     """
     geometry = get_norm(norm)
+
+    def projected(xb: torch.Tensor, a: int, b: int, eps_t: torch.Tensor) -> torch.Tensor:
+        delta = model.to_device(outcome.x_adv[a:b]) - xb
+        return xb + geometry.project(delta, eps_t.to(xb.dtype))
+
+    return _recheck(outcome, model, x, y, float(eps), geometry, projected, label=f"{outcome.attack}@{eps:g}",
+                    batch_size=batch_size)
+
+
+def transfer(outcome: AttackOutcome, model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, *,
+             batch_size: int | None = None) -> AttackOutcome:
+    """Evaluate adversarial inputs made on another model (a surrogate) on `model` itself.
+
+    Contained, verified and re-checked by a fresh forward pass of `model`; no gradient of `model`
+    is ever taken, so it is the way to audit non-differentiable models (a vote ensemble).
+    """
+    return _recheck(outcome, model, x, y, outcome.eps, get_norm(outcome.norm),
+                    lambda xb, a, b, eps_t: model.to_device(outcome.x_adv[a:b]),
+                    label=f"{outcome.attack} (transfer)", batch_size=batch_size)
+
+
+def _recheck(outcome: AttackOutcome, model: ModelUnderTest, x, y, eps: float | None, geometry: Norm, candidates,
+             *, label: str, batch_size: int | None) -> AttackOutcome:
+    """Run candidate inputs for an earlier outcome's samples through `finalize`, batch by batch."""
     x, y, targets, _ = validate_batch(model, x, y, outcome.targets, None)
-    check_eps_fits(eps, geometry, model, tuple(x.shape[1:]))
+    if eps is not None:
+        check_eps_fits(eps, geometry, model, tuple(x.shape[1:]))
     runner = BatchRunner(batch_size, model.device, x[0].numel())
     started = time.perf_counter()
 
     def one(a: int, b: int) -> dict:
         xb = model.to_device(x[a:b])
-        delta = model.to_device(outcome.x_adv[a:b]) - xb
-        eps_t = torch.full((b - a,), float(eps), dtype=torch.float64, device=model.device)
-        candidate = xb + geometry.project(delta, eps_t.to(xb.dtype))
+        eps_t = None if eps is None else torch.full((b - a,), float(eps), dtype=torch.float64, device=model.device)
         tb = None if targets is None else targets[a:b].to(model.device)
-        return finalize(model, xb, y[a:b].to(model.device), tb, candidate, eps_t, geometry,
-                        attack=f"{outcome.attack}@{eps:g}", gradient_calls=0)
+        return finalize(model, xb, y[a:b].to(model.device), tb, candidates(xb, a, b, eps_t), eps_t, geometry,
+                        attack=label, gradient_calls=0)
 
     with model.evaluating():
         parts = runner.run(len(x), one)
-    return _concat(outcome.attack, geometry.name, float(eps), parts, outcome.targets,
+    return _concat(outcome.attack, geometry.name, eps, parts, outcome.targets,
                    outcome.seconds + time.perf_counter() - started, runner.batch_size,
                    gradient_calls=outcome.gradient_calls)
 

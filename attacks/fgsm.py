@@ -11,10 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 
 from robustlab.errors import InputError
-from robustlab.threat import expand_per_sample
 
 from .base import Attack, Perturbed
 from .gradient import loss_and_gradient

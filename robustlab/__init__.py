@@ -17,7 +17,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "audit": ("robustlab.audit", "audit"),
+    "audit": ("robustlab.harness", "audit"),
     "AuditResult": ("robustlab.results", "AuditResult"),
     "load": ("robustlab.results", "load"),
     "ModelUnderTest": ("robustlab.model", "ModelUnderTest"),

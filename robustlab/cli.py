@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -196,7 +195,7 @@ def _audit(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be positive, got {value}")
 
-    from robustlab.audit import audit, resolve_device
+    from robustlab.harness import audit, resolve_device
     from robustlab.loading import load_model
     from robustlab.results import check_output_dir
 
@@ -215,7 +214,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from robustlab.audit import audit, resolve_device
+    from robustlab.harness import audit, resolve_device
     from robustlab.data import digits_split
     from robustlab.demo import digits_cnn
     from robustlab.model import ModelUnderTest

@@ -7,7 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 
 from robustlab.data import digits_split
 from robustlab.training import accuracy, seeded_init, train_classifier

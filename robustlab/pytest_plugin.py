@@ -566,7 +566,7 @@ def _audit_kwargs(config: dict) -> dict:
     """robustlab.audit keyword arguments for a merged configuration (quick caps applied)."""
     attack = config["attack"]
     if attack is None:
-        from robustlab.audit import DEFAULT_ATTACKS
+        from robustlab.harness import DEFAULT_ATTACKS
 
         attack = list(DEFAULT_ATTACKS)
     attacks = [attack] if isinstance(attack, str) or not isinstance(attack, (list, tuple)) else list(attack)

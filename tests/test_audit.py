@@ -202,3 +202,13 @@ def test_examples_hold_verified_adversarial_inputs(result, tmp_path):
     result.save(tmp_path / "r")
     loaded = robustlab.load(tmp_path / "r").examples
     assert set(loaded) == set(ex) and all(np.array_equal(loaded[k], ex[k]) for k in ex)
+
+
+def test_harness_module_does_not_shadow_the_audit_function():
+    """Importing the harness module first must leave robustlab.audit the function (it once did not)."""
+    import subprocess
+    import sys
+
+    code = ("import robustlab.harness, robustlab; from robustlab.harness import resolve_device; "
+            "assert callable(robustlab.audit) and robustlab.audit.__module__ == 'robustlab.harness'")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).returncode == 0

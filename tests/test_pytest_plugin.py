@@ -123,7 +123,7 @@ def _summary_row(results_dir: Path, attack: str, eps: float, targeted: str = "no
 
 # ---------------------------------------------------------------------------- import cost
 @pytest.mark.parametrize("module, absent", [
-    ("robustlab.pytest_plugin", ("torch", "pandas", "numpy", "robustlab.audit", "robustlab.gates")),
+    ("robustlab.pytest_plugin", ("torch", "pandas", "numpy", "robustlab.harness", "robustlab.gates")),
     ("robustlab.gates", ("torch",)),
 ])
 def test_import_is_light(module, absent):

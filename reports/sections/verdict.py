@@ -30,7 +30,7 @@ def _lead(lines: list[facts.ThreatModel]) -> str:
     if failed:
         head = f'<span class="bad">{len(failed)} of {len(lines)} threat models missed a threshold.</span> '
     elif checked:
-        head = f'<span class="ok">Every recorded threshold was met.</span> '
+        head = '<span class="ok">Every recorded threshold was met.</span> '
     else:
         head = "No pass/fail thresholds were recorded for this run. "
     return head + ("Robust accuracy is the worst case over all attacks at each budget (a sample counts as robust "

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,7 @@ from torch import nn
 
 from robustlab import targets as targeting
 from robustlab.attacks import Attack, AttackOutcome, get_attack, restrict
-from robustlab.attacks.base import check_eps_fits, validate_inputs, validate_labels
+from robustlab.attacks.base import check_eps_fits, transfer, validate_inputs, validate_labels
 from robustlab.batching import BatchRunner
 from robustlab.data import Dataset, load_data
 from robustlab.errors import InputError
@@ -34,6 +34,7 @@ from robustlab.threat import Bounds, get_norm
 
 DEFAULT_ATTACKS = ("fgsm", "pgd", "cw")
 DEFAULT_EPS = (0.05, 0.1, 0.2)
+TRANSFER_NOTE = "transfer from surrogate"
 
 Progress = Callable[[str], None]
 
@@ -103,7 +104,8 @@ def audit(
         frames.append(f)
         batch_sizes[model_name] = used
         examples.update(shown)
-    summary = pd.DataFrame.from_records(summaries, columns=SUMMARY_COLUMNS)
+    extra = ["note"] if any("note" in s for s in summaries) else []
+    summary = pd.DataFrame.from_records(summaries, columns=SUMMARY_COLUMNS + extra)
     samples = pd.concat(frames, ignore_index=True) if frames else sample_frame({})
     finished_wall = _dt.datetime.now(_dt.timezone.utc)
     metadata = _metadata(plan, started_wall, finished_wall, time.perf_counter() - started, batch_sizes,
@@ -166,6 +168,9 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
         for m in modes:
             if m.lstrip("-").isdigit() and not 0 <= int(m) < mut.num_classes:
                 raise InputError("targeted", f"target class {m} is out of range for a {mut.num_classes}-class model")
+    for mut in models.values():
+        if needs_transfer(mut):
+            _surrogate(mut).inspect(validate_inputs(mut, dataset.x))
     shapes = {mut.inspection.num_classes for mut in models.values()}
     if len(shapes) > 1:
         raise InputError("model", f"models audited together must have the same classes; got class counts {sorted(shapes)}")
@@ -218,6 +223,27 @@ def _build_attack(spec: str | Attack, norm: str, *, steps, restarts, loss) -> At
     return attack.replace(**changes) if changes else attack
 
 
+# ---------------------------------------------------------------------------- transfer
+def needs_transfer(mut: ModelUnderTest) -> bool:
+    """True for models with no usable gradient (e.g. a vote ensemble): attacked through `surrogate`."""
+    return bool(getattr(mut.module, "requires_transfer", False))
+
+
+def _surrogate(mut: ModelUnderTest) -> ModelUnderTest:
+    """The wrapped surrogate of a transfer-only model (same bounds, normalisation and device); cached."""
+    cached = getattr(mut, "_transfer_surrogate", None)
+    if cached is not None:
+        return cached
+    module = getattr(mut.module, "surrogate", None)
+    if not isinstance(module, nn.Module) and not callable(module):
+        raise InputError("model", f"{mut.name!r} requires transfer attacks (requires_transfer=True) but has no "
+                                  "`surrogate` module to generate them on")
+    surrogate = ModelUnderTest(module, bounds=mut.bounds, mean=mut.mean, std=mut.std, name=f"{mut.name}:surrogate",
+                               classes=mut.classes, output="logits", device=mut.device)
+    mut._transfer_surrogate = surrogate  # type: ignore[attr-defined]
+    return surrogate
+
+
 # ---------------------------------------------------------------------------- running
 def _clean_logits(mut: ModelUnderTest, x: torch.Tensor, batch_size: int | None) -> tuple[torch.Tensor, int]:
     runner = BatchRunner(batch_size, mut.device, x[0].numel())
@@ -245,6 +271,9 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
                       "are the weights loaded, and do --bounds/--mean/--std match how it was trained?",
                       RobustlabWarning, stacklevel=3)
     summaries: list[dict] = []
+    via_surrogate = needs_transfer(mut)
+    if via_surrogate:
+        say(f"{mut.name}: not differentiable; attacks run on its surrogate and transfer ({TRANSFER_NOTE})")
     rows: dict[str, list] = {c: [] for c in _ROW_KEYS}
     shown = _example_positions(clean_correct, x)
     examples: dict[str, np.ndarray] = {f"sample|{mut.name}": ids[shown].numpy(), f"clean|{mut.name}": x[shown].numpy()}
@@ -257,6 +286,8 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
                 record, robust, attacked, success, l2, linf = _summarise(
                     mut.name, attack, plan.norm, eps, mode, per_set, x, y, clean_pred, clean_correct, target_sets,
                     seconds, calls, rows, ids)
+                if via_surrogate:
+                    record["note"] = TRANSFER_NOTE
                 summaries.append(record)
                 examples[example_key(mut.name, record["attack"], eps, mode)] = _adversarial_examples(
                     per_set[0], x, shown)
@@ -267,8 +298,11 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
             keys = [k for k in robust_by if k[1] == eps]
             if len(keys) < 2:
                 continue
-            summaries.append(_worst_case(mut.name, plan.norm, eps, mode, keys, robust_by, success_by, summaries,
-                                         clean_acc, len(x)))
+            worst = _worst_case(mut.name, plan.norm, eps, mode, keys, robust_by, success_by, summaries,
+                                clean_acc, len(x))
+            if via_surrogate:
+                worst["note"] = TRANSFER_NOTE
+            summaries.append(worst)
     return summaries, sample_frame(rows), used_batch, examples
 
 
@@ -297,14 +331,20 @@ def _run_attack(attack: Attack, mut, plan: _Plan, x, y, ids, clean_correct, targ
     sets = target_sets or [None]
     masks = [clean_correct if s is None else (clean_correct & s.valid) for s in sets]
     label = attack.name if not hasattr(attack, "attack_class") else f"foolbox:{attack.attack_class}"
+    via_surrogate = needs_transfer(mut)
+    source = _surrogate(mut) if via_surrogate else mut  # the model whose gradients the attack uses
+
+    def attacked(configured: Attack, idx, targets) -> AttackOutcome:
+        outcome = configured(source, x[idx], y[idx], targets, sample_ids=ids[idx], seed=plan.seed,
+                             batch_size=plan.batch_size)
+        return transfer(outcome, mut, x[idx], y[idx], batch_size=plan.batch_size) if via_surrogate else outcome
+
     if attack.minimal:
         base: list[AttackOutcome | None] = []
         started = time.perf_counter()
         for s, mask in zip(sets, masks):
             idx = torch.nonzero(mask).reshape(-1)
-            base.append(None if len(idx) == 0 else attack(
-                mut, x[idx], y[idx], None if s is None else s.targets[idx], sample_ids=ids[idx], seed=plan.seed,
-                batch_size=plan.batch_size))
+            base.append(None if len(idx) == 0 else attacked(attack, idx, None if s is None else s.targets[idx]))
         seconds = time.perf_counter() - started
         calls = sum(o.gradient_calls for o in base if o is not None)
         say(f"{mut.name}: {label} (no budget) done in {seconds:.1f}s")
@@ -323,9 +363,8 @@ def _run_attack(attack: Attack, mut, plan: _Plan, x, y, ids, clean_correct, targ
         started = time.perf_counter()
         for s, mask in zip(sets, masks):
             idx = torch.nonzero(mask).reshape(-1)
-            per_set.append((None if len(idx) == 0 else configured(
-                mut, x[idx], y[idx], None if s is None else s.targets[idx], sample_ids=ids[idx], seed=plan.seed,
-                batch_size=plan.batch_size), mask))
+            per_set.append((None if len(idx) == 0 else attacked(configured, idx, None if s is None else s.targets[idx]),
+                            mask))
         seconds = time.perf_counter() - started
         say(f"{mut.name}: {label} eps={eps:g} done in {seconds:.1f}s")
         yield eps, per_set, seconds, sum(o.gradient_calls for o, _ in per_set if o is not None)
@@ -427,7 +466,11 @@ def _median(values: torch.Tensor) -> float:
 def _metadata(plan: _Plan, started, finished, seconds, batch_sizes, config) -> dict:
     import robustlab
 
+    transferred = {name: f"{TRANSFER_NOTE}: adversarial examples generated on {name}'s surrogate, evaluated "
+                      f"(verified) on {name}; no gradient of {name} is computed"
+                for name, mut in plan.models.items() if needs_transfer(mut)}
     return {
+        **({"transfer": transferred} if transferred else {}),
         "robustlab_version": robustlab.__version__,
         "torch_version": torch.__version__,
         "numpy_version": np.__version__,

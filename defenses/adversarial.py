@@ -1,0 +1,314 @@
+"""Adversarial training: PGD-AT (Madry et al. 2018), fast FGSM-AT (Wong et al. 2020), TRADES (Zhang et al. 2019).
+
+    for each epoch, for each shuffled batch (x, y):
+        x_adv = inner_max(model, x, y)                       model in EVAL mode, weight grads untouched
+        loss  = CE(f(x_adv), y)                               pgd, fast
+              | CE(f(x), y) + beta * KL(p(x) || p(x_adv))     trades
+        one optimiser step                                    model in TRAIN mode
+    keep the weights with the best robust validation accuracy (PGD on val_data; Rice et al. 2020)
+
+Mode during the inner maximisation: we generate adversarial examples with the model in eval mode and
+train in train mode. Eval mode makes the inner maximisation attack the function that will be
+deployed and audited (batch-norm with running statistics, no dropout noise in the gradient), and it
+keeps the attack's extra forward passes from updating batch-norm running statistics with
+half-built adversarial inputs. (Madry's reference code attacks in train mode; for models without
+batch-norm or dropout, like the digits CNN, the two are identical.)
+
+Randomness is a pure function of (seed, epoch, sample id): the batch order comes from a generator
+seeded per epoch, random starts from `robustlab.seeding` streams. So training resumed from a
+checkpoint after epoch k continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustlab.attacks import PGD
+from robustlab.attacks.base import validate_inputs, validate_labels
+from robustlab.data import Dataset, load_data
+from robustlab.errors import InputError
+from robustlab.model import ModelUnderTest
+from robustlab.threat import Bounds, Norm, get_norm
+
+METHODS = ("pgd", "fast", "trades")
+START_STREAM = 500_000  # + epoch; seeding streams for training-time random starts
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "weights.safetensors"
+BEST_FILE = "best.safetensors"
+OPTIMISER_FILE = "optimiser.pt"
+
+Progress = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------- inner maximisation
+def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, objective: Callable,
+                    norm: Norm, eps: float, steps: int, step_size: float, bounds: Bounds,
+                    start: torch.Tensor | None) -> torch.Tensor:
+    """Batched PGD for training: ascend `objective(logits, y) -> per-sample` from x + start.
+
+    Not verified (training only). Gradients are taken with `torch.autograd.grad` with respect to
+    the input alone, so parameters' `.grad` are never touched. The caller picks the model's mode.
+    """
+    low, high = bounds.tensors(x)
+    eps_t = torch.full((len(x),), eps, dtype=x.dtype, device=x.device)
+    x_adv = x.clone() if start is None else torch.minimum(torch.maximum(x + start, low), high)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = objective(model(x_adv), y)
+            (grad,) = torch.autograd.grad(value.sum(), x_adv)
+        stepped = x_adv.detach() + step_size * norm.steepest(grad)
+        x_adv = torch.minimum(torch.maximum(x + norm.project(stepped - x, eps_t), low), high)
+    return x_adv.detach()
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def _kl_from(clean_log_probs: torch.Tensor) -> Callable:
+    def objective(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+        # KL(p(clean) || p(adv)), per sample
+        return F.kl_div(F.log_softmax(logits, dim=1), clean_log_probs, reduction="none", log_target=True).sum(1)
+    return objective
+
+
+# ---------------------------------------------------------------------------- public entry point
+def adversarial_training(
+    model: nn.Module,
+    train_data,
+    *,
+    method: str = "pgd",
+    eps: float,
+    norm: str = "linf",
+    steps: int = 10,
+    step_size: float | None = None,
+    epochs: int,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    val_data=None,
+    seed: int = 0,
+    trades_beta: float = 6.0,
+    bounds: Bounds | tuple | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> nn.Module:
+    """Train `model` (in place) adversarially and return it in eval mode.
+
+    method: "pgd" (PGD-AT from a random start, `steps` steps of `step_size`, default 2.5 eps/steps),
+        "fast" (FGSM from a uniform random start in the ball, step 1.25 eps unless `step_size`),
+        "trades" (CE(clean) + trades_beta * KL(p(clean) || p(adv)); inner max of the KL).
+    eps/norm/bounds: the threat model, checked like the attacks check it.
+    val_data: if given, after each epoch clean and PGD robust accuracy are measured on it (the
+        verified `robustlab.attacks.PGD`, same eps and steps) and the best-robust weights are returned.
+    checkpoint_dir: after each epoch, weights (safetensors), optimiser tensors (torch.save, loaded
+        with weights_only=True) and a JSON state are written there; calling again with the same
+        directory and configuration resumes after the last finished epoch.
+    progress: called with one line per epoch.
+    """
+    say = progress if callable(progress) else (lambda message: None)
+    if method not in METHODS:
+        raise InputError("method", f"expected one of {', '.join(METHODS)}, got {method!r}")
+    if not isinstance(model, nn.Module):
+        raise InputError("model", f"expected a torch.nn.Module, got {type(model).__name__}")
+    for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(name, f"must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError("seed", f"must be a non-negative integer, got {seed!r}")
+    for name, value in (("lr", lr), ("trades_beta", trades_beta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise InputError(name, f"must be a positive number, got {value!r}")
+    if step_size is not None and (not isinstance(step_size, (int, float)) or not step_size > 0):
+        raise InputError("step_size", f"must be positive, got {step_size!r}")
+    train = _dataset("train_data", train_data)
+    val = None if val_data is None else _dataset("val_data", val_data)
+    geometry = get_norm(norm)
+    mut = ModelUnderTest(model.eval(), bounds=bounds, name="adversarial-training")
+    x = validate_inputs(mut, train.x)
+    mut.inspect(x[:8])
+    validate_labels("train_data.y", train.y, len(x), mut.num_classes)
+    val_attack = PGD(eps=eps, norm=geometry.name, steps=steps, loss="ce")
+    val_attack.validate()
+    eps = val_attack._validated_eps(mut, x)  # the attacks' own eps checks (finite, >= 0, fits the bounds)
+    if val is not None:
+        xv = validate_inputs(mut, val.x)
+        if tuple(xv.shape[1:]) != tuple(x.shape[1:]):
+            raise InputError("val_data", f"inputs have shape {tuple(xv.shape[1:])}, training inputs {tuple(x.shape[1:])}")
+        validate_labels("val_data.y", val.y, len(xv), mut.num_classes)
+    if method == "fast":
+        alpha = 1.25 * eps if step_size is None else float(step_size)
+        inner_steps = 1
+    else:
+        alpha = 2.5 * eps / steps if step_size is None else float(step_size)
+        inner_steps = steps
+    y = train.y.long()
+    ids = train.indices.long()
+
+    config = {"method": method, "eps": eps, "norm": geometry.name, "steps": steps, "step_size": alpha,
+              "lr": float(lr), "batch_size": batch_size, "seed": seed, "trades_beta": float(trades_beta),
+              "train_sha256": train.fingerprint(), "val_sha256": None if val is None else val.fingerprint()}
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    state = {"epoch": 0, "best_robust": None, "best_epoch": None, "history": [], "config": config}
+    best_weights: dict[str, torch.Tensor] | None = None
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        loaded = _load_checkpoint(checkpoint_dir, model, optimiser, config)
+        if loaded is not None:
+            state, best_weights = loaded
+            say(f"resuming from {checkpoint_dir} after epoch {state['epoch']}")
+
+    for epoch in range(state["epoch"], epochs):
+        loss_sum, seen = 0.0, 0
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000_003 + epoch)  # dropout etc.: also fixed per epoch
+            for start in range(0, len(x), batch_size):
+                idx = order[start:start + batch_size]
+                xb, yb = x[idx], y[idx]
+                model.eval()
+                x_adv, clean_log_probs = _inner(method, model, xb, yb, ids[idx], geometry, eps, inner_steps,
+                                                alpha, mut.bounds, seed, epoch)
+                model.train()
+                optimiser.zero_grad(set_to_none=True)
+                if method == "trades":
+                    logits_clean = model(xb)
+                    kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.log_softmax(logits_clean, dim=1),
+                                  reduction="batchmean", log_target=True)
+                    loss = F.cross_entropy(logits_clean, yb) + trades_beta * kl
+                else:
+                    loss = F.cross_entropy(model(x_adv), yb)
+                loss.backward()
+                optimiser.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                seen += len(idx)
+        model.eval()
+        record = {"epoch": epoch + 1, "loss": loss_sum / seen}
+        if val is not None:
+            clean, robust = _robust_accuracy(mut, val, val_attack, seed)
+            record.update(clean_accuracy=clean, robust_accuracy=robust)
+            if state["best_robust"] is None or robust > state["best_robust"]:
+                state["best_robust"], state["best_epoch"] = robust, epoch + 1
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            say(f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, val clean {clean:.1%}, "
+                f"val robust (PGD {geometry.name} eps={eps:g}) {robust:.1%}")
+        else:
+            say(f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}")
+        state["epoch"] = epoch + 1
+        state["history"].append(record)
+        if checkpoint_dir is not None:
+            _save_checkpoint(checkpoint_dir, model, optimiser, state, best_weights)
+
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+        say(f"kept epoch {state['best_epoch']} (best val robust accuracy {state['best_robust']:.1%})")
+    model.training_history = list(state["history"])  # type: ignore[attr-defined]
+    return model.eval()
+
+
+def _dataset(name: str, data) -> Dataset:
+    try:
+        dataset = load_data(data)
+    except InputError as error:
+        raise InputError(name, error.problem) from None
+    if len(dataset) == 0:
+        raise InputError(name, "is empty: no samples to train on")
+    return dataset
+
+
+def _inner(method, model, xb, yb, ids, geometry, eps, steps, alpha, bounds, seed, epoch):
+    eps_t = torch.full((len(xb),), eps, dtype=xb.dtype)
+    start = geometry.random_start(eps_t, ids, tuple(xb.shape[1:]), seed=seed, stream=START_STREAM + epoch,
+                                  device=xb.device, dtype=xb.dtype)
+    if method == "trades":
+        with torch.no_grad():
+            clean_log_probs = F.log_softmax(model(xb), dim=1)
+        # Zhang et al. start within 0.001 of x (their 0.001 * N(0, 1)); we scale the ball's uniform draw.
+        x_adv = training_attack(model, xb, yb, objective=_kl_from(clean_log_probs), norm=geometry, eps=eps,
+                                steps=steps, step_size=alpha, bounds=bounds, start=1e-3 * start)
+        return x_adv, clean_log_probs
+    x_adv = training_attack(model, xb, yb, objective=_ce, norm=geometry, eps=eps, steps=steps,
+                            step_size=alpha, bounds=bounds, start=start)
+    return x_adv, None
+
+
+def _robust_accuracy(mut: ModelUnderTest, val: Dataset, attack: PGD, seed: int) -> tuple[float, float]:
+    with torch.no_grad():
+        pred = mut(val.x).argmax(1)
+    correct = pred == val.y
+    clean = float(correct.double().mean())
+    idx = torch.nonzero(correct).reshape(-1)
+    if len(idx) == 0:
+        return clean, 0.0
+    outcome = attack(mut, val.x[idx], val.y[idx], sample_ids=val.indices[idx], seed=seed)
+    return clean, float((~outcome.success).sum()) / len(val)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _save_checkpoint(directory, model, optimiser, state, best_weights) -> None:
+    from safetensors.torch import save_file
+
+    def atomic(name: str, write: Callable[[str], None]) -> None:
+        tmp = os.path.join(directory, f".{name}.tmp")
+        write(tmp)
+        os.replace(tmp, os.path.join(directory, name))
+
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic(WEIGHTS_FILE, lambda p: save_file(weights, p))
+    if best_weights is not None:
+        best = {k: v.cpu().contiguous() for k, v in best_weights.items()}
+        atomic(BEST_FILE, lambda p: save_file(best, p))
+    tensors, groups = _optimiser_tensors(optimiser)
+    atomic(OPTIMISER_FILE, lambda p: torch.save(tensors, p))
+    document = dict(state, optimiser_param_groups=groups)
+    atomic(STATE_FILE, lambda p: open(p, "w").write(json.dumps(document, indent=2)))  # written last: commits
+
+
+def _optimiser_tensors(optimiser) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimiser.state_dict()
+    tensors = {}
+    for pid, entry in sd["state"].items():
+        for key, value in entry.items():
+            tensors[f"{pid}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    groups = [{k: v for k, v in g.items() if isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
+              for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def _load_checkpoint(directory, model, optimiser, config):
+    path = os.path.join(directory, STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    from safetensors.torch import load_file
+
+    with open(path) as handle:
+        document = json.load(handle)
+    saved = document.get("config", {})
+    different = sorted(k for k in config if saved.get(k) != config[k])
+    if different:
+        raise InputError("checkpoint_dir", f"{directory} holds a run with a different configuration "
+                                           f"({', '.join(different)}); use another directory to start afresh")
+    model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE)))
+    tensors = torch.load(os.path.join(directory, OPTIMISER_FILE), weights_only=True)
+    sd = optimiser.state_dict()
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    groups = document.pop("optimiser_param_groups")
+    for group, saved_group in zip(sd["param_groups"], groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    optimiser.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    best_path = os.path.join(directory, BEST_FILE)
+    best = load_file(best_path) if os.path.exists(best_path) and document.get("best_epoch") else None
+    return document, best
+
+
+__all__ = ["adversarial_training", "training_attack", "METHODS"]

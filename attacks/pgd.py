@@ -82,8 +82,7 @@ class PGD(Attack):
             for _ in range(self.steps):
                 logits, _, grad = loss_and_gradient(model, x_adv, y, targets, self.loss)
                 keep(x_adv, logits)
-                stepped = x_adv + alpha * norm.steepest(grad)
-                x_adv = torch.minimum(torch.maximum(x + norm.project(stepped - x, eps_t), low), high)
+                x_adv = norm.ascend(x, x_adv, grad, alpha, eps_t, low, high)
             if restart < self.restarts - 1:
                 with torch.no_grad():
                     keep(x_adv, model(x_adv))

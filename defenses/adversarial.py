@@ -64,8 +64,7 @@ def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, objec
         with torch.enable_grad():
             value = objective(model(x_adv), y)
             (grad,) = torch.autograd.grad(value.sum(), x_adv)
-        stepped = x_adv.detach() + step_size * norm.steepest(grad)
-        x_adv = torch.minimum(torch.maximum(x + norm.project(stepped - x, eps_t), low), high)
+        x_adv = norm.ascend(x, x_adv.detach(), grad, step_size, eps_t, low, high)
     return x_adv.detach()
 
 

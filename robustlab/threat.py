@@ -95,6 +95,15 @@ class Norm:
         """Project delta into the ball of radius eps (a (B,) tensor)."""
         raise NotImplementedError
 
+    def ascend(self, x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, alpha: float, eps: torch.Tensor,
+               low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """One projected steepest-ascent step: clip(x + project(x_adv + alpha * steepest(grad) - x)).
+
+        The PGD step, written once for the audit's attacks and for adversarial training.
+        """
+        stepped = x_adv + alpha * self.steepest(grad)
+        return torch.minimum(torch.maximum(x + self.project(stepped - x, eps), low), high)
+
     def random_start(self, eps: torch.Tensor, sample_ids: torch.Tensor, shape: tuple[int, ...],
                      *, seed: int, stream: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """A point drawn uniformly from the ball, fixed per (seed, stream, sample)."""

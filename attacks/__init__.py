@@ -1,4 +1,4 @@
-"""Attacks: FGSM, PGD and Carlini-Wagner (plus any foolbox 3 attack through `FoolboxAttack`).
+"""Attacks: FGSM, PGD, Carlini-Wagner and Square (score-based) (plus any foolbox 3 attack through `FoolboxAttack`).
 
 Every attack is called the same way and returns a verified `AttackOutcome`:
 
@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from robustlab.errors import InputError
 
+from .adaptive import bpda, find_gradient_blockers, is_random
 from .base import Attack, AttackOutcome, restrict, transfer
 from .cw import CW
 from .fgsm import FGSM
 from .foolbox_adapter import FoolboxAttack
 from .pgd import PGD
+from .square import Square
 
-ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "cw": CW}
+ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "cw": CW, "square": Square}
 
 
 def get_attack(name: str, **options) -> Attack:
-    """Build an attack by name: 'fgsm', 'pgd', 'cw', or 'foolbox:<AttackClass>'."""
+    """Build an attack by name: 'fgsm', 'pgd', 'cw', 'square', or 'foolbox:<AttackClass>'."""
     key = name.strip().lower()
     if key.startswith("foolbox:"):
         return FoolboxAttack(attack_class=name.split(":", 1)[1].strip(), **options)
@@ -31,4 +33,5 @@ def get_attack(name: str, **options) -> Attack:
     return ATTACKS[key](**options)
 
 
-__all__ = ["Attack", "AttackOutcome", "FGSM", "PGD", "CW", "FoolboxAttack", "get_attack", "restrict", "transfer", "ATTACKS"]
+__all__ = ["Attack", "AttackOutcome", "FGSM", "PGD", "CW", "FoolboxAttack", "Square", "get_attack", "restrict", "transfer", "ATTACKS",
+           "bpda", "find_gradient_blockers", "is_random"]

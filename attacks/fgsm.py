@@ -15,7 +15,7 @@ from typing import ClassVar
 from robustlab.errors import InputError
 
 from .base import Attack, Perturbed
-from .gradient import loss_and_gradient
+from .gradient import expected_loss_and_gradient
 from .losses import LOSSES
 
 
@@ -24,12 +24,15 @@ class FGSM(Attack):
     name: ClassVar[str] = "fgsm"
 
     loss: str = "ce"
+    eot_samples: int = 1  # EoT: gradient = mean over this many passes (randomised models)
 
     def validate(self) -> None:
+        if isinstance(self.eot_samples, bool) or not isinstance(self.eot_samples, int) or self.eot_samples < 1:
+            raise InputError("eot_samples", f"must be a positive integer, got {self.eot_samples!r}")
         if self.loss not in LOSSES:
             raise InputError("loss", f"expected one of {', '.join(LOSSES)}, got {self.loss!r}")
 
     def _perturb(self, model, x, y, targets, sample_ids, eps, seed) -> Perturbed:
-        _, _, grad = loss_and_gradient(model, x, y, targets, self.loss)
+        _, _, grad = expected_loss_and_gradient(model, x, y, targets, self.loss, self.eot_samples)
         step = self.geometry.steepest(grad) * eps
-        return Perturbed(model.bounds.clip(x + step), gradient_calls=len(x))
+        return Perturbed(model.bounds.clip(x + step), gradient_calls=len(x) * self.eot_samples)

@@ -9,6 +9,12 @@ Per sample we keep the first iterate that succeeds, over all steps and restarts;
 never succeeds returns its last iterate. The default step size alpha = 2.5 eps / steps
 lets an iterate cross the ball from any start (Madry et al.). The loop has no host sync: success
 tracking is done with masks on the device.
+
+EoT (`eot_samples` = k > 1, Athalye et al. 2018, for models with a random forward pass): each step
+ascends the mean gradient over k forward+backward passes on the same input, and success during the
+steps is judged on the mean logits of those k passes (the model's expected prediction), so a lucky
+single draw does not freeze an iterate. The returned input is still verified by one fresh forward
+pass (attacks.base.finalize). `gradient_calls` counts all k passes. k = 1 is the plain PGD.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from robustlab.errors import InputError
 from robustlab.threat import expand_per_sample
 
 from .base import Attack, Perturbed
-from .gradient import loss_and_gradient
+from .gradient import expected_logits, expected_loss_and_gradient
 from .losses import LOSSES, succeeded
 
 RANDOM_START_STREAM = 100  # + restart index; see robustlab.seeding
@@ -38,12 +44,15 @@ class PGD(Attack):
     restarts: int = 1
     random_start: bool = True
     loss: str = "ce"
+    eot_samples: int = 1  # EoT: gradient = mean over this many passes (randomised models)
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
             raise InputError("steps", f"must be a positive integer, got {self.steps!r}")
         if not isinstance(self.restarts, int) or self.restarts < 1:
             raise InputError("restarts", f"must be a positive integer, got {self.restarts!r}")
+        if isinstance(self.eot_samples, bool) or not isinstance(self.eot_samples, int) or self.eot_samples < 1:
+            raise InputError("eot_samples", f"must be a positive integer, got {self.eot_samples!r}")
         if self.loss not in LOSSES:
             raise InputError("loss", f"expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         for name in ("step_size", "rel_step_size"):
@@ -80,13 +89,12 @@ class PGD(Attack):
             else:
                 x_adv = x.clone()
             for _ in range(self.steps):
-                logits, _, grad = loss_and_gradient(model, x_adv, y, targets, self.loss)
+                logits, _, grad = expected_loss_and_gradient(model, x_adv, y, targets, self.loss, self.eot_samples)
                 keep(x_adv, logits)
                 x_adv = norm.ascend(x, x_adv, grad, alpha, eps_t, low, high)
             if restart < self.restarts - 1:
-                with torch.no_grad():
-                    keep(x_adv, model(x_adv))
+                keep(x_adv, expected_logits(model, x_adv, self.eot_samples))
         # The last iterate needs no forward pass of its own: where nothing succeeded earlier it is
         # returned, and the verification pass (attacks.base.finalize) decides whether it fools.
         result = torch.where(expand_per_sample(found, x), best, x_adv)
-        return Perturbed(result, gradient_calls=len(x) * self.steps * self.restarts)
+        return Perturbed(result, gradient_calls=len(x) * self.steps * self.restarts * self.eot_samples)

@@ -68,3 +68,22 @@ class Noisy(nn.Module):
 def tiny_linear(in_features: int = 64, classes: int = 10, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, classes)).eval()
+
+
+class ZeroGradient(torch.autograd.Function):
+    """Identity forward, zero backward: masks every input gradient (a 'gradient killer')."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return torch.zeros_like(grad)
+
+
+class GradientKiller(nn.Module):
+    """Identity forward, zero backward: a 'defense' that only hides gradients."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ZeroGradient.apply(x)

@@ -17,6 +17,13 @@ batch-norm or dropout, like the digits CNN, the two are identical.)
 Randomness is a pure function of (seed, epoch, sample id): the batch order comes from a generator
 seeded per epoch, random starts from `robustlab.seeding` streams. So training resumed from a
 checkpoint after epoch k continues exactly as an uninterrupted run would.
+
+Distributed: launched by torchrun with WORLD_SIZE > 1, the model is wrapped in
+DistributedDataParallel (gloo on CPU, nccl on GPU, one GPU per process by LOCAL_RANK). Every rank
+draws the same global batch and attacks only its share (batch[rank::world]); the loss is scaled
+so that DDP's gradient average equals the single-process gradient of the whole batch. Validation
+is sharded the same way and the counts are summed, so every rank keeps the same best epoch; only
+rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Callable
 
 import torch
@@ -96,6 +104,8 @@ def adversarial_training(
     seed: int = 0,
     trades_beta: float = 6.0,
     bounds: Bounds | tuple | None = None,
+    mean=None,
+    std=None,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> nn.Module:
@@ -105,6 +115,8 @@ def adversarial_training(
         "fast" (FGSM from a uniform random start in the ball, step 1.25 eps unless `step_size`),
         "trades" (CE(clean) + trades_beta * KL(p(clean) || p(adv)); inner max of the KL).
     eps/norm/bounds: the threat model, checked like the attacks check it.
+    mean/std: the model's input normalisation (as for `ModelUnderTest`): the model is trained on
+        normalised inputs while eps, bounds and attacks stay in the user's input space.
     val_data: if given, after each epoch clean and PGD robust accuracy are measured on it (the
         verified `robustlab.attacks.PGD`, same eps and steps) and the best-robust weights are returned.
     checkpoint_dir: after each epoch, weights (safetensors), optimiser tensors (torch.save, loaded
@@ -130,7 +142,11 @@ def adversarial_training(
     train = _dataset("train_data", train_data)
     val = None if val_data is None else _dataset("val_data", val_data)
     geometry = get_norm(norm)
-    mut = ModelUnderTest(model.eval(), bounds=bounds, name="adversarial-training")
+    ranks = _distributed()
+    rank, world = ranks if ranks is not None else (0, 1)
+    mut = ModelUnderTest(model.eval(), bounds=bounds, mean=mean, std=std, name="adversarial-training")
+    device = mut.device
+    net = Normalised(model, mut) if (mut.mean is not None or mut.std is not None) else model
     x = validate_inputs(mut, train.x)
     mut.inspect(x[:8])
     validate_labels("train_data.y", train.y, len(x), mut.num_classes)
@@ -148,6 +164,7 @@ def adversarial_training(
     else:
         alpha = 2.5 * eps / steps if step_size is None else float(step_size)
         inner_steps = steps
+    x = x.to(mut.dtype)
     y = train.y.long()
     ids = train.indices.long()
 
@@ -158,40 +175,41 @@ def adversarial_training(
     state = {"epoch": 0, "best_robust": None, "best_epoch": None, "history": [], "config": config}
     best_weights: dict[str, torch.Tensor] | None = None
     if checkpoint_dir is not None:
-        os.makedirs(checkpoint_dir, exist_ok=True)
+        if rank == 0:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+        _barrier(ranks)
         loaded = _load_checkpoint(checkpoint_dir, model, optimiser, config)
         if loaded is not None:
             state, best_weights = loaded
             say(f"resuming from {checkpoint_dir} after epoch {state['epoch']}")
+    trained = _ddp(net, device) if ranks is not None else net  # the module whose parameters get gradients
 
     for epoch in range(state["epoch"], epochs):
+        started = time.perf_counter()
         loss_sum, seen = 0.0, 0
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1_000_003 + epoch)  # dropout etc.: also fixed per epoch
             for start in range(0, len(x), batch_size):
-                idx = order[start:start + batch_size]
-                xb, yb = x[idx], y[idx]
-                model.eval()
-                x_adv, clean_log_probs = _inner(method, model, xb, yb, ids[idx], geometry, eps, inner_steps,
-                                                alpha, mut.bounds, seed, epoch)
-                model.train()
+                batch = order[start:start + batch_size]
+                idx = batch[rank::world]
+                xb, yb = x[idx].to(device), y[idx].to(device)
+                net.eval()
+                x_adv, _ = _inner(method, net, xb, yb, ids[idx], geometry, eps, inner_steps,
+                                  alpha, mut.bounds, seed, epoch)
+                net.train()
                 optimiser.zero_grad(set_to_none=True)
-                if method == "trades":
-                    logits_clean = model(xb)
-                    kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.log_softmax(logits_clean, dim=1),
-                                  reduction="batchmean", log_target=True)
-                    loss = F.cross_entropy(logits_clean, yb) + trades_beta * kl
-                else:
-                    loss = F.cross_entropy(model(x_adv), yb)
+                loss = _training_loss(method, trained, xb, x_adv, yb, trades_beta,
+                                      None if ranks is None else len(batch) / world)
                 loss.backward()
                 optimiser.step()
-                loss_sum += float(loss.detach()) * len(idx)
-                seen += len(idx)
+                loss_sum += float(loss.detach()) * (len(batch) / world if ranks is not None else len(idx))
+                seen += len(batch) / world if ranks is not None else len(idx)
         model.eval()
-        record = {"epoch": epoch + 1, "loss": loss_sum / seen}
+        record = {"epoch": epoch + 1, "loss": _mean_over_ranks(loss_sum / max(seen, 1), ranks),
+                  "seconds": round(time.perf_counter() - started, 3)}
         if val is not None:
-            clean, robust = _robust_accuracy(mut, val, val_attack, seed)
+            clean, robust = _robust_accuracy(mut, val, val_attack, seed, rank, world, ranks)
             record.update(clean_accuracy=clean, robust_accuracy=robust)
             if state["best_robust"] is None or robust > state["best_robust"]:
                 state["best_robust"], state["best_epoch"] = robust, epoch + 1
@@ -203,13 +221,95 @@ def adversarial_training(
         state["epoch"] = epoch + 1
         state["history"].append(record)
         if checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir, model, optimiser, state, best_weights)
+            if rank == 0:
+                _save_checkpoint(checkpoint_dir, model, optimiser, state, best_weights)
+            _barrier(ranks)
 
     if best_weights is not None:
         model.load_state_dict(best_weights)
         say(f"kept epoch {state['best_epoch']} (best val robust accuracy {state['best_robust']:.1%})")
     model.training_history = list(state["history"])  # type: ignore[attr-defined]
+    model.defense = {  # type: ignore[attr-defined]
+        "defense": "adversarial-training", "method": method, "eps": eps, "norm": geometry.name,
+        "steps": inner_steps, "step_size": alpha, "epochs": epochs, "lr": float(lr), "batch_size": batch_size,
+        "seed": seed, **({"trades_beta": float(trades_beta)} if method == "trades" else {}),
+        "best_epoch": state["best_epoch"], "best_val_robust_accuracy": state["best_robust"],
+        "processes": world, "history": list(state["history"]),
+        "train_data": train.source, "train_sha256": config["train_sha256"], "val_data": None if val is None else val.source,
+    }
     return model.eval()
+
+
+def _training_loss(method: str, net: nn.Module, xb, x_adv, yb, beta: float, share: float | None) -> torch.Tensor:
+    """The batch loss. `share` (distributed only): the global batch size / world size; the per-rank sum
+    divided by it makes DDP's gradient average the gradient of the global batch mean."""
+    reduce = "mean" if share is None else "sum"
+    if method == "trades":
+        logits_clean = net(xb)
+        kl = F.kl_div(F.log_softmax(net(x_adv), dim=1), F.log_softmax(logits_clean, dim=1),
+                      reduction="batchmean" if share is None else "sum", log_target=True)
+        loss = F.cross_entropy(logits_clean, yb, reduction=reduce) + beta * kl
+    else:
+        loss = F.cross_entropy(net(x_adv), yb, reduction=reduce)
+    return loss if share is None else loss / share
+
+
+class Normalised(nn.Module):
+    """The user's module behind the wrapper's normalisation, so training sees what the audit sees."""
+
+    def __init__(self, inner: nn.Module, mut: ModelUnderTest) -> None:
+        super().__init__()
+        self.inner = inner
+        self._normalise = mut._normalise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self._normalise(x))
+
+
+# ---------------------------------------------------------------------------- distributed
+def _distributed() -> tuple[int, int] | None:
+    """(rank, world size) when launched by torchrun with several processes; None otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise InputError("WORLD_SIZE", f"is {world} but this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _ddp(net: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _barrier(ranks) -> None:
+    if ranks is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _all_sum(values: list[float], ranks) -> list[float]:
+    if ranks is None:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _mean_over_ranks(value: float, ranks) -> float:
+    return value if ranks is None else _all_sum([value], ranks)[0] / ranks[1]
 
 
 def _dataset(name: str, data) -> Dataset:
@@ -223,7 +323,7 @@ def _dataset(name: str, data) -> Dataset:
 
 
 def _inner(method, model, xb, yb, ids, geometry, eps, steps, alpha, bounds, seed, epoch):
-    eps_t = torch.full((len(xb),), eps, dtype=xb.dtype)
+    eps_t = torch.full((len(xb),), eps, dtype=xb.dtype, device=xb.device)
     start = geometry.random_start(eps_t, ids, tuple(xb.shape[1:]), seed=seed, stream=START_STREAM + epoch,
                                   device=xb.device, dtype=xb.dtype)
     if method == "trades":
@@ -238,16 +338,20 @@ def _inner(method, model, xb, yb, ids, geometry, eps, steps, alpha, bounds, seed
     return x_adv, None
 
 
-def _robust_accuracy(mut: ModelUnderTest, val: Dataset, attack: PGD, seed: int) -> tuple[float, float]:
-    with torch.no_grad():
-        pred = mut(val.x).argmax(1)
-    correct = pred == val.y
-    clean = float(correct.double().mean())
+def _robust_accuracy(mut: ModelUnderTest, val: Dataset, attack: PGD, seed: int, rank: int = 0, world: int = 1,
+                     ranks=None) -> tuple[float, float]:
+    """Clean and verified-PGD robust accuracy on val (this rank's share; counts summed over ranks)."""
+    x, y, ids = val.x[rank::world], val.y[rank::world], val.indices[rank::world]
+    with torch.no_grad(), mut.evaluating():
+        pred = mut(mut.to_device(x)).argmax(1).cpu()
+    correct = pred == y
     idx = torch.nonzero(correct).reshape(-1)
-    if len(idx) == 0:
-        return clean, 0.0
-    outcome = attack(mut, val.x[idx], val.y[idx], sample_ids=val.indices[idx], seed=seed)
-    return clean, float((~outcome.success).sum()) / len(val)
+    robust = 0
+    if len(idx):
+        outcome = attack(mut, x[idx], y[idx], sample_ids=ids[idx], seed=seed)
+        robust = int((~outcome.success).sum())
+    n_correct, n_robust = _all_sum([float(correct.sum()), float(robust)], ranks)
+    return n_correct / len(val), n_robust / len(val)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -310,4 +414,4 @@ def _load_checkpoint(directory, model, optimiser, config):
     return document, best
 
 
-__all__ = ["adversarial_training", "training_attack", "METHODS"]
+__all__ = ["adversarial_training", "training_attack", "METHODS", "Normalised"]

@@ -114,7 +114,11 @@ def ensemble(models: Sequence[nn.Module], combine: str = "logits", *, example_in
         counts.append(int(out.shape[1]))
     if len(set(counts)) > 1:
         raise InputError("models", f"members must have the same number of classes, got {counts}")
-    return Ensemble(members, combine).eval()
+    built = Ensemble(members, combine).eval()
+    built.defense = {"defense": "ensemble", "combine": combine, "members": len(members),  # type: ignore[attr-defined]
+                     "member_defenses": [getattr(m, "defense", {}).get("defense", "none") for m in members],
+                     **({"attacked_through": "transfer from the averaged-logits surrogate"} if combine == "vote" else {})}
+    return built
 
 
 __all__ = ["ensemble", "Ensemble", "NotDifferentiableError", "COMBINE"]

@@ -30,6 +30,13 @@ class ThreatModel:
     worst: dict[float, float]            # eps -> worst-case robust accuracy over attacks
     attacks: list[str]                   # attacks that ran with a budget
     thresholds: list[dict] = field(default_factory=list)
+    verdicts: dict[float, dict] = field(default_factory=dict)  # eps -> integrity verdict record
+    checks: list[dict] = field(default_factory=list)           # integrity checks that bear on this threat model
+    checks_level: str | None = None                            # None / "none": the checks were not run
+
+    @property
+    def checked(self) -> bool:
+        return self.checks_level not in (None, "none")
 
     @property
     def mode_label(self) -> str:
@@ -89,10 +96,56 @@ def thresholds(metadata: dict) -> list[dict]:
     return [t for t in recorded if isinstance(t, dict)]
 
 
+def checks_level(metadata: dict) -> str | None:
+    """The integrity-check level of the run ("default", "strict", "none"), or None (results predating them)."""
+    node = metadata.get("checks")
+    return str(node.get("level")) if isinstance(node, dict) and node.get("level") else None
+
+
+def check_results(metadata: dict) -> list[dict]:
+    node = metadata.get("checks")
+    results = node.get("results") if isinstance(node, dict) else None
+    return [c for c in results if isinstance(c, dict)] if isinstance(results, list) else []
+
+
+def adaptive_runs(metadata: dict) -> list[dict]:
+    node = metadata.get("checks")
+    runs = node.get("adaptive") if isinstance(node, dict) else None
+    return [a for a in runs if isinstance(a, dict)] if isinstance(runs, list) else []
+
+
+def verdict_records(metadata: dict) -> list[dict]:
+    found = metadata.get("verdict")
+    return [v for v in found if isinstance(v, dict)] if isinstance(found, list) else []
+
+
+def evidence_text(evidence: Any, limit: int = 8) -> str:
+    """Scalar evidence as `key=value` (nested values are left to results.json)."""
+    if not isinstance(evidence, dict):
+        return ""
+    items = []
+    for key, value in evidence.items():
+        if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+            items.append(f"{key}={value}")
+        elif isinstance(value, float):
+            items.append(f"{key}={value:.4g}")
+        if len(items) >= limit:
+            break
+    return ", ".join(items)
+
+
+def _bears_on(check: dict, model: str, norm: str, targeted: str) -> bool:
+    return (str(check.get("model")) == model and check.get("targeted") in (None, targeted)
+            and (check.get("norm") is None or str(check.get("norm")) in norm.split(", ")))
+
+
 def threat_models(result: AuditResult) -> list[ThreatModel]:
     summary = result.summary
     if summary.empty:
         return []
+    level = checks_level(result.metadata)
+    all_checks = check_results(result.metadata)
+    verdict_list = verdict_records(result.metadata)
     checks = thresholds(result.metadata)
     out = []
     for (model, targeted), block in summary.groupby(["model", "targeted"], sort=False):
@@ -103,7 +156,11 @@ def threat_models(result: AuditResult) -> list[ThreatModel]:
         out.append(ThreatModel(
             model=str(model), norm=", ".join(map(str, norms)), targeted=str(targeted), n=int(block["n"].iloc[0]),
             clean=float(block["clean_accuracy"].iloc[0]), worst=worst_case(block),
-            attacks=[a for a in attack_order(rows["attack"]) if a != WORST_CASE], thresholds=mine))
+            attacks=[a for a in attack_order(rows["attack"]) if a != WORST_CASE], thresholds=mine,
+            verdicts={float(v["eps"]): v for v in verdict_list
+                      if v.get("model") == model and v.get("targeted") == targeted and is_num(v.get("eps"))},
+            checks=[c for c in all_checks if _bears_on(c, str(model), ", ".join(map(str, norms)), str(targeted))],
+            checks_level=level))
     return out
 
 

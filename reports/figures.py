@@ -187,3 +187,37 @@ def _hwc(array: np.ndarray) -> np.ndarray:
     if array.ndim == 3:
         return array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
     return array
+
+
+# ---------------------------------------------------------------------------- training curves
+def training_curves(panels: Sequence[dict]) -> str:
+    """Validation accuracy per epoch of adversarial training, one panel per defended model.
+
+    panels: [{"title", "series": {"clean_accuracy": {epoch: acc}, "robust_accuracy": {...}}, "best": epoch|None,
+              "eps", "norm"}]
+    """
+    with _style():
+        cols = min(len(panels), 2)
+        rows = -(-len(panels) // cols)
+        fig = _figure(5.6 * cols, 3.0 * rows)
+        axes = fig.subplots(rows, cols, squeeze=False)
+        for ax, panel in zip(axes.flat, panels):
+            for (key, label), color in zip((("clean_accuracy", "clean"), ("robust_accuracy", "robust (PGD)")),
+                                           (PALETTE[0], PALETTE[1])):
+                points = sorted(panel["series"].get(key, {}).items())
+                if points:
+                    ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", markersize=2.5,
+                            color=color, label=label)
+            if panel.get("best"):
+                ax.axvline(panel["best"], color=WORST_COLOR, linestyle=":", linewidth=1, label="kept")
+            eps = panel.get("eps")
+            ax.set_title(_short(panel["title"]) + (f" (trained at {panel.get('norm')} eps={eps:g})"
+                                                   if isinstance(eps, (int, float)) else ""))
+            ax.set_xlabel("epoch")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_ylabel("validation accuracy (%)")
+            ax.set_ylim(0, 100)
+            ax.legend(loc="lower right")
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        return _svg_uri(fig)

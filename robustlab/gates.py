@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from robustlab.errors import InputError
+from robustlab.integrity.verdict import NOT_ESTABLISHED, describe, find
 from robustlab.results import WORST_CASE, AuditResult, load
 
 HIGHER_IS_BETTER = ("robust_accuracy", "clean_accuracy", "median_l2", "median_linf")
@@ -115,6 +116,8 @@ class GateCheck:
                     f"required {relation} {self.required:.4g} ({self.note})")
         else:
             text = f"{self.metric} measured {self.measured:.4g}, required {relation} {self.required:.4g} ({self.kind})"
+            if self.note:
+                text += f"; {self.note}"
         return f"{status} {self.where()}: {text}"
 
     def to_dict(self) -> dict:
@@ -133,14 +136,17 @@ def evaluate_robust(result: AuditResult | pd.DataFrame, *, attack: str | Sequenc
     if min_accuracy is None and min_clean_accuracy is None:
         raise InputError("min_accuracy", "give min_accuracy and/or min_clean_accuracy (the gate's thresholds)")
     rows = select_rows(summary, attack=attack, eps=eps, norm=norm, targeted=targeted, model=model)
+    metadata = result.metadata if isinstance(result, AuditResult) else {}
     checks: list[GateCheck] = []
     for _, row in rows.iterrows():
         base = _row_fields(row)
         if min_accuracy is not None:
             measured = float(row["robust_accuracy"])
+            blocked = integrity_block(metadata, base, measured)
             checks.append(GateCheck(kind="min_accuracy", metric="robust_accuracy", measured=measured,
                                     required=float(min_accuracy),
-                                    passed=_finite_ge(measured, float(min_accuracy)), **base))
+                                    passed=_finite_ge(measured, float(min_accuracy)) and blocked is None,
+                                    note=blocked or "", **base))
         if min_clean_accuracy is not None:
             measured = float(row["clean_accuracy"])
             checks.append(GateCheck(kind="min_clean_accuracy", metric="clean_accuracy", measured=measured,
@@ -338,11 +344,37 @@ def normalise_mode(targeted: Any) -> str:
     return {"untargeted": "none", "ll": "least-likely", "leastlikely": "least-likely", "every": "all"}.get(text, text)
 
 
-def verdict(result: AuditResult | None) -> str | None:
-    """The integrity-check verdict the results carry, or None when the checks were not run."""
+def integrity_block(metadata: Mapping | None, row: Mapping, measured: float) -> str | None:
+    """Why a robust-accuracy threshold on this row cannot pass whatever its value, or None.
+
+    - the row's threat model has the verdict "robustness not established" (a check says the attacks
+      may be blind): no threshold passes on it;
+    - a check failed there and the adaptive attacks it called for brought the worst-case robust
+      accuracy below the gated row's: the gated figure is known to be inflated.
+    """
+    entry = find(metadata, row["model"], row["norm"], row["eps"], row["targeted"])
+    if entry is None:
+        return None
+    reasons = ", ".join(entry.get("reasons") or [])
+    if entry.get("verdict") == NOT_ESTABLISHED:
+        return f"robustness not established (failed checks: {reasons}); no threshold can pass"
+    adaptive = _number(entry.get("robust_accuracy"))
+    if reasons and adaptive is not None and measured > adaptive + _TOLERANCE:
+        return (f"checks failed ({reasons}) and the adaptive attacks bring worst-case robust accuracy to "
+                f"{adaptive:.4g}: the gated figure is inflated")
+    return None
+
+
+def verdict(result: AuditResult | None, *, model: str | None = None, norm: str | None = None,
+            eps: float | None = None, targeted: str | None = None) -> str | None:
+    """The integrity-check verdict the results carry (for the selected threat models), or None when
+    the checks were not run. One verdict when all agree, else "eps=0.05: robust; eps=0.1: ..."."""
     if result is None:
         return None
     metadata = result.metadata or {}
+    found = describe(metadata, model=model, norm=norm, eps=eps, targeted=targeted)
+    if found:
+        return found
     for path in (("verdict",), ("integrity", "verdict"), ("checks", "verdict")):
         node: Any = metadata
         for part in path:
@@ -370,7 +402,10 @@ def failure_message(checks: Sequence[GateCheck], *, result: AuditResult | None =
         seen.setdefault(c.model, (c.clean_accuracy, c.n))
     for model, (clean, n) in seen.items():
         lines.append(f"  clean accuracy of {model!r}: {clean:.4g} (n={n})")
-    found = verdict(result)
+    models = {c.model for c in checks}
+    modes = {c.targeted for c in checks}
+    found = verdict(result, model=next(iter(models)) if len(models) == 1 else None,
+                    targeted=next(iter(modes)) if len(modes) == 1 else None)
     lines.append(f"  integrity checks: {found if found else NOT_RUN}")
     lines.append(f"  results: {results_dir}" if results_dir else
                  "  results: not saved (pass --robustlab-report DIR, or result.save(DIR), to keep them)")

@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -28,6 +28,8 @@ from robustlab.attacks.base import check_eps_fits, transfer, validate_inputs, va
 from robustlab.batching import BatchRunner
 from robustlab.data import Dataset, load_data
 from robustlab.errors import InputError
+from robustlab.integrity import LEVELS, compute_verdicts
+from robustlab.integrity.base import Extra, ModeEvidence, ModelContext
 from robustlab.model import ModelUnderTest, RobustlabWarning
 from robustlab.results import SUMMARY_COLUMNS, WORST_CASE, AuditResult, example_key, sample_frame
 from robustlab.threat import Bounds, get_norm
@@ -52,6 +54,9 @@ class _Plan:
     seed: int
     batch_size: int | None
     device: torch.device | None  # None: each model stays where it is
+    checks: str = "default"
+    surrogate: Any = None  # a user-given surrogate module for the strict transfer check
+    explain: list[str] = field(default_factory=list)  # explanation stages (robustlab.explaining)
 
 
 def audit(
@@ -76,6 +81,9 @@ def audit(
     classes: Sequence[str] | None = None,
     output: str = "auto",
     progress: bool | Progress | None = None,
+    checks: str = "default",
+    surrogate: Any = None,
+    explain: str | Sequence[str] | None = None,
 ) -> AuditResult:
     """Attack `model` on `data` and return verified, tidy results.
 
@@ -87,23 +95,43 @@ def audit(
     attacks: names ("fgsm", "pgd", "cw", "foolbox:<Name>") or configured `Attack` objects; eps
         is set by the audit. `steps`/`restarts`/`loss` override PGD's (steps also CW's).
     targeted: "none", "random", "least-likely", "next", "all", a class, or a list of those.
+    checks: integrity checks after each model's attacks (robustlab.integrity): "default" (the cheap
+        ones, +<=50% time), "strict" (also the costly ones in full, and transfer from `surrogate`), or
+        "none". With checks, margin-loss PGD always runs ("pgd-margin") and the adaptive attacks the
+        failed checks call for (BPDA, EoT, Square, ...) add rows; every row joins the worst case.
+        metadata["checks"] and metadata["verdict"] hold the results (see robustlab.integrity.verdict).
+    surrogate: an nn.Module for the strict transfer check (same inputs and classes); a model with
+        `requires_transfer` uses its own `.surrogate`.
+    explain: "saliency", "shap", "probes" (a list or comma-separated; "all"): explanations of the
+        attacked samples on clean and adversarial inputs (robustlab.explaining); frames land in
+        `result.tables`, maps in `result.examples`, timings and flags in metadata["explain"].
     """
     started_wall = _dt.datetime.now(_dt.timezone.utc)
     started = time.perf_counter()
     say = _progress(progress)
     plan = _plan(model, data, attacks=attacks, eps=eps, norm=norm, targeted=targeted, steps=steps,
                  restarts=restarts, loss=loss, seed=seed, n=n, device=device, batch_size=batch_size, bounds=bounds,
-                 mean=mean, std=std, name=name, classes=classes, output=output)
+                 mean=mean, std=std, name=name, classes=classes, output=output, checks=checks, surrogate=surrogate,
+                 explain=explain)
     summaries: list[dict] = []
+    check_results: list[dict] = []
+    adaptive: list[dict] = []
+    check_seconds = 0.0
     frames: list[pd.DataFrame] = []
     batch_sizes: dict[str, int] = {}
     examples: dict[str, np.ndarray] = {}
+    explained: dict = {}
     for model_name, mut in plan.models.items():
-        s, f, used, shown = _audit_one(mut, plan, say)
+        s, f, used, shown, integrity, explanation = _audit_one(mut, plan, say)
+        if explanation is not None:
+            explained[model_name] = explanation
         summaries.extend(s)
         frames.append(f)
         batch_sizes[model_name] = used
         examples.update(shown)
+        check_results.extend(integrity.get("results", []))
+        adaptive.extend(integrity.get("adaptive", []))
+        check_seconds += integrity.get("seconds", 0.0)
     extra = ["note"] if any("note" in s for s in summaries) else []
     summary = pd.DataFrame.from_records(summaries, columns=SUMMARY_COLUMNS + extra)
     samples = pd.concat(frames, ignore_index=True) if frames else sample_frame({})
@@ -111,11 +139,44 @@ def audit(
     metadata = _metadata(plan, started_wall, finished_wall, time.perf_counter() - started, batch_sizes,
                          {"attacks": [a if isinstance(a, str) else a.config() for a in attacks], "eps": plan.eps,
                           "norm": plan.norm, "targeted": plan.modes, "steps": steps, "restarts": restarts,
-                          "loss": loss, "seed": seed, "n": n, "device": str(device), "batch_size": batch_size})
-    return AuditResult(summary=summary, samples=samples, metadata=metadata, examples=examples)
+                          "loss": loss, "seed": seed, "n": n, "device": str(device), "batch_size": batch_size,
+                          "checks": plan.checks})
+    if plan.checks == "none":
+        metadata["checks"] = {"level": "none"}
+    else:
+        metadata["checks"] = {"level": plan.checks, "results": check_results, "adaptive": adaptive,
+                              "seconds": round(check_seconds, 3)}
+        metadata["verdict"] = compute_verdicts(summary, check_results, norm=plan.norm)
+        metadata["definitions"]["verdict"] = (
+            "per (model, norm, eps, targeted): 'not robust' when worst-case robust accuracy (adaptive attacks "
+            "included) < robust_fraction x clean accuracy; otherwise 'robust' when every applicable check passed, "
+            "'robustness not established' when one failed")
+    tables: dict[str, pd.DataFrame] = {}
+    if plan.explain:
+        from robustlab.explaining import merge
+
+        tables, maps, info = merge(explained)
+        examples.update(maps)
+        metadata["explain"] = info
+    return AuditResult(summary=summary, samples=samples, metadata=metadata, examples=examples, tables=tables)
 
 
 # ---------------------------------------------------------------------------- planning
+def check_audit(model: Any, data: Any = "digits", **options: Any) -> None:
+    """Check an audit's configuration as `audit` would (same keywords), without attacking: raises
+    InputError. For callers about to do long work first (training defenses) with these options."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(audit).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"check_audit() got unexpected options {unknown}")
+    merged = {**defaults, **options}
+    merged.pop("progress", None)
+    _plan(model, data, **merged)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         return device
@@ -131,7 +192,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, seed, n, device, batch_size, bounds,
-          mean, std, name, classes, output) -> _Plan:
+          mean, std, name, classes, output, checks="default", surrogate=None, explain=None) -> _Plan:
+    from robustlab.explaining import parse_stages
+
+    stages = parse_stages(explain)
+    if not isinstance(checks, str) or checks.strip().lower() not in LEVELS:
+        raise InputError("checks", f"expected one of {', '.join(LEVELS)}, got {checks!r}")
+    checks = checks.strip().lower()
+    if surrogate is not None and not isinstance(surrogate, (nn.Module, ModelUnderTest)):
+        raise InputError("surrogate", f"expected an nn.Module (or a ModelUnderTest), got {type(surrogate).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError("seed", f"must be a non-negative integer, got {seed!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -171,11 +240,14 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
     for mut in models.values():
         if needs_transfer(mut):
             _surrogate(mut).inspect(validate_inputs(mut, dataset.x))
+        if surrogate is not None and checks == "strict":
+            _user_surrogate(mut, surrogate).inspect(validate_inputs(mut, dataset.x))
     shapes = {mut.inspection.num_classes for mut in models.values()}
     if len(shapes) > 1:
         raise InputError("model", f"models audited together must have the same classes; got class counts {sorted(shapes)}")
     return _Plan(models=models, data=dataset, attacks=built, eps=eps_list, norm=geometry.name, modes=modes,
-                 seed=int(seed), batch_size=batch_size, device=dev)
+                 seed=int(seed), batch_size=batch_size, device=dev, checks=checks, surrogate=surrogate,
+                 explain=stages)
 
 
 def _models(model, name, wrap_options, device) -> dict[str, ModelUnderTest]:
@@ -244,6 +316,26 @@ def _surrogate(mut: ModelUnderTest) -> ModelUnderTest:
     return surrogate
 
 
+def _user_surrogate(mut: ModelUnderTest, module: Any) -> ModelUnderTest:
+    """The user's surrogate (strict transfer check), wrapped like `mut`; cached on `mut`."""
+    cached = getattr(mut, "_check_surrogate", None)
+    if cached is not None:
+        return cached
+    if isinstance(module, ModelUnderTest):
+        wrapped = module
+    else:
+        wrapped = ModelUnderTest(module, bounds=mut.bounds, mean=mut.mean, std=mut.std, name=f"{mut.name}:surrogate",
+                                 classes=mut.classes, device=mut.device)
+    mut._check_surrogate = wrapped  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _check_surrogate(mut: ModelUnderTest, plan: "_Plan") -> ModelUnderTest | None:
+    if plan.surrogate is not None:
+        return _user_surrogate(mut, plan.surrogate)
+    return _surrogate(mut) if needs_transfer(mut) else None
+
+
 # ---------------------------------------------------------------------------- running
 def _clean_logits(mut: ModelUnderTest, x: torch.Tensor, batch_size: int | None) -> tuple[torch.Tensor, int]:
     runner = BatchRunner(batch_size, mut.device, x[0].numel())
@@ -257,7 +349,7 @@ def _clean_logits(mut: ModelUnderTest, x: torch.Tensor, batch_size: int | None) 
     return torch.cat(parts), runner.batch_size
 
 
-def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[dict], pd.DataFrame, int]:
+def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[dict], pd.DataFrame, int, dict, dict]:
     data = plan.data
     x, y, ids = data.x, data.y, data.indices
     logits, used_batch = _clean_logits(mut, x, plan.batch_size)
@@ -277,33 +369,126 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
     rows: dict[str, list] = {c: [] for c in _ROW_KEYS}
     shown = _example_positions(clean_correct, x)
     examples: dict[str, np.ndarray] = {f"sample|{mut.name}": ids[shown].numpy(), f"clean|{mut.name}": x[shown].numpy()}
+    states: dict[str, _ModeState] = {}
+    explain_attack = _explained_attack(plan) if plan.explain else None
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # "attack|eps" -> adversarial inputs to explain
+    keep_count = _explained_count(plan, x)
+
+    def run(attack: Attack, mode: str, state: "_ModeState", extra: Extra | None = None) -> None:
+        label = extra.label if extra is not None else None
+        for eps, per_set, seconds, calls in _run_attack(attack, mut, plan, x, y, ids, clean_correct, state.target_sets,
+                                                        say, label=label, extra=extra):
+            record, robust, attacked, success, l2, linf = _summarise(
+                mut.name, attack, plan.norm, eps, mode, per_set, x, y, clean_pred, clean_correct, state.target_sets,
+                seconds, calls, rows, ids, label=label)
+            note = _row_note(mut, extra)
+            if note:
+                record["note"] = note
+            summaries.append(record)
+            examples[example_key(mut.name, record["attack"], eps, mode)] = _adversarial_examples(per_set[0], x, shown)
+            if (eps is not None and mode == "none" and record["attack"] == explain_attack
+                    and per_set[0][0] is not None):
+                outcome = per_set[0][0]
+                kept[f"{record['attack']}|{eps:g}"] = (outcome.x_adv[:keep_count], outcome.adv_pred[:keep_count])
+            if eps is not None:
+                state.evidence.robust[(record["attack"], eps)] = robust
+                state.robust_by[(record["attack"], eps)] = robust
+                state.success_by[(record["attack"], eps)] = (attacked, success, l2, linf)
+                state.evidence.success[(record["attack"], eps)] = success
+            else:
+                state.evidence.unbounded[record["attack"]] = success
+
     for mode in plan.modes:
         target_sets = targeting.select(mode, y, logits, ids, seed=plan.seed, num_classes=mut.num_classes)
-        robust_by: dict[tuple[str, float], torch.Tensor] = {}  # (attack, eps) -> per (set, sample) robust
-        success_by: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        masks = torch.stack([clean_correct if s is None else (clean_correct & s.valid) for s in (target_sets or [None])])
+        state = _ModeState(target_sets, {}, {}, ModeEvidence(mode=mode, target_sets=target_sets, masks=masks))
+        states[mode] = state
         for attack in plan.attacks:
-            for eps, per_set, seconds, calls in _run_attack(attack, mut, plan, x, y, ids, clean_correct, target_sets, say):
-                record, robust, attacked, success, l2, linf = _summarise(
-                    mut.name, attack, plan.norm, eps, mode, per_set, x, y, clean_pred, clean_correct, target_sets,
-                    seconds, calls, rows, ids)
-                if via_surrogate:
-                    record["note"] = TRANSFER_NOTE
-                summaries.append(record)
-                examples[example_key(mut.name, record["attack"], eps, mode)] = _adversarial_examples(
-                    per_set[0], x, shown)
-                if eps is not None:
-                    robust_by[(record["attack"], eps)] = robust
-                    success_by[(record["attack"], eps)] = (attacked, success, l2, linf)
+            run(attack, mode, state)
+    integrity: dict = {}
+    if plan.checks != "none":
+        integrity = _run_checks(mut, plan, x, y, ids, clean_correct, logits, states, run, say)
+    explanation = None
+    if plan.explain:
+        from robustlab.explaining import explain_model
+
+        attacked = torch.nonzero(clean_correct).reshape(-1)[:keep_count]
+        explanation = explain_model(mut, x[attacked], y[attacked], ids[attacked],
+                                    {k: v for k, v in kept.items() if len(v[0]) == len(attacked)}, plan.explain,
+                                    background=x, seed=plan.seed, batch_size=plan.batch_size,
+                                    differentiable=not via_surrogate, say=say)
+    for mode, state in states.items():
         for eps in plan.eps:
-            keys = [k for k in robust_by if k[1] == eps]
+            keys = [k for k in state.robust_by if k[1] == eps]
             if len(keys) < 2:
                 continue
-            worst = _worst_case(mut.name, plan.norm, eps, mode, keys, robust_by, success_by, summaries,
+            worst = _worst_case(mut.name, plan.norm, eps, mode, keys, state.robust_by, state.success_by, summaries,
                                 clean_acc, len(x))
             if via_surrogate:
                 worst["note"] = TRANSFER_NOTE
             summaries.append(worst)
-    return summaries, sample_frame(rows), used_batch, examples
+    return summaries, sample_frame(rows), used_batch, examples, integrity, explanation
+
+
+def _explained_attack(plan: _Plan) -> str | None:
+    """The attack whose adversarial inputs are explained: PGD when it ran, else the first one run."""
+    names = [a.name if not hasattr(a, "attack_class") else f"foolbox:{a.attack_class}" for a in plan.attacks]
+    return "pgd" if "pgd" in names else (names[0] if names else None)
+
+
+def _explained_count(plan: _Plan, x: torch.Tensor) -> int:
+    from robustlab.explaining import N_PROBE, PROBE_VALUES
+
+    return max(20, min(N_PROBE, PROBE_VALUES // max(1, x[0].numel())))
+
+
+@dataclass
+class _ModeState:
+    """Per targeted mode: its target sets and every attack's per-(set, sample) results so far."""
+
+    target_sets: list
+    robust_by: dict  # (attack label, eps) -> (sets, n) robust
+    success_by: dict  # (attack label, eps) -> (attacked, success, l2, linf)
+    evidence: ModeEvidence
+
+
+def _row_note(mut: ModelUnderTest, extra: Extra | None) -> str | None:
+    if extra is not None and extra.source is not None:
+        return f"generated on {extra.source.name}, judged on {mut.name}" if extra.transfer else None
+    return TRANSFER_NOTE if needs_transfer(mut) else None
+
+
+def _run_checks(mut, plan: _Plan, x, y, ids, clean_correct, logits, states, run, say) -> dict:
+    """Integrity checks for one model, with the margin-loss PGD before and the adaptive attacks after."""
+    from robustlab.integrity import adaptive as adaptive_attacks
+    from robustlab.integrity.runner import run_checks
+
+    started = time.perf_counter()
+    via_surrogate = needs_transfer(mut)
+    ctx = ModelContext(mut=mut, source=_surrogate(mut) if via_surrogate else mut, via_transfer=via_surrogate,
+                       x=x, y=y, ids=ids, clean_correct=clean_correct, norm=plan.norm, eps=list(plan.eps),
+                       seed=plan.seed, batch_size=plan.batch_size, level=plan.checks, attacks=list(plan.attacks),
+                       surrogate=_check_surrogate(mut, plan) if plan.checks == "strict" else None)
+    ran: list[dict] = []
+    margin = adaptive_attacks.margin_pgd(ctx)
+    if margin is not None:
+        for mode, state in states.items():
+            run(margin.attack, mode, state, margin)
+        ran.append(margin.describe(mut.name))
+    evidence = {mode: state.evidence for mode, state in states.items()}
+    say(f"{mut.name}: integrity checks ({plan.checks})")
+    results = run_checks(ctx, evidence, logits, margin.label if margin is not None else None)
+    for r in results:
+        if r.status == "fail":
+            say(f"{mut.name}: check {r.check} failed" + ("" if r.eps is None else f" at eps={r.eps:g}"))
+    extras, notes = adaptive_attacks.plan(ctx, results)
+    for extra in extras:
+        say(f"{mut.name}: adaptive attack {extra.label}: {extra.reason}")
+        for mode, state in states.items():
+            run(extra.attack, mode, state, extra)
+        ran.append(extra.describe(mut.name))
+    return {"results": [r.to_dict() for r in results], "adaptive": ran + notes,
+            "seconds": time.perf_counter() - started}
 
 
 EXAMPLE_VALUES = 200_000  # input values kept per (attack, eps) for reports: 8 digits, 8 CIFAR, 1 ImageNet image
@@ -326,13 +511,20 @@ def _adversarial_examples(first_set, x: torch.Tensor, shown: torch.Tensor) -> np
     return picked.numpy()
 
 
-def _run_attack(attack: Attack, mut, plan: _Plan, x, y, ids, clean_correct, target_sets, say):
-    """Yields (eps, [outcome-or-None per target set, with the attacked mask], seconds, gradient calls)."""
+def _run_attack(attack: Attack, mut, plan: _Plan, x, y, ids, clean_correct, target_sets, say, *,
+                label: str | None = None, extra: Extra | None = None):
+    """Yields (eps, [outcome-or-None per target set, with the attacked mask], seconds, gradient calls).
+
+    extra: an attack asked for by the integrity checks (its own source model and eps list)."""
     sets = target_sets or [None]
     masks = [clean_correct if s is None else (clean_correct & s.valid) for s in sets]
-    label = attack.name if not hasattr(attack, "attack_class") else f"foolbox:{attack.attack_class}"
-    via_surrogate = needs_transfer(mut)
-    source = _surrogate(mut) if via_surrogate else mut  # the model whose gradients the attack uses
+    label = label or (attack.name if not hasattr(attack, "attack_class") else f"foolbox:{attack.attack_class}")
+    if extra is not None and extra.source is not None:
+        source, via_surrogate = extra.source, extra.transfer
+    else:
+        via_surrogate = needs_transfer(mut)
+        source = _surrogate(mut) if via_surrogate else mut  # the model whose gradients the attack uses
+    eps_list = plan.eps if extra is None or extra.eps is None else [e for e in plan.eps if e in extra.eps]
 
     def attacked(configured: Attack, idx, targets) -> AttackOutcome:
         outcome = configured(source, x[idx], y[idx], targets, sample_ids=ids[idx], seed=plan.seed,
@@ -349,7 +541,7 @@ def _run_attack(attack: Attack, mut, plan: _Plan, x, y, ids, clean_correct, targ
         calls = sum(o.gradient_calls for o in base if o is not None)
         say(f"{mut.name}: {label} (no budget) done in {seconds:.1f}s")
         yield None, list(zip(base, masks)), seconds, calls
-        for eps in plan.eps:
+        for eps in eps_list:
             per_set = []
             for o, mask in zip(base, masks):
                 idx = torch.nonzero(mask).reshape(-1)
@@ -357,7 +549,7 @@ def _run_attack(attack: Attack, mut, plan: _Plan, x, y, ids, clean_correct, targ
                                                                 batch_size=plan.batch_size), mask))
             yield eps, per_set, seconds, calls
         return
-    for eps in plan.eps:
+    for eps in eps_list:
         configured = attack.replace(eps=eps)
         per_set = []
         started = time.perf_counter()
@@ -375,10 +567,10 @@ _ROW_KEYS = ["model", "sample", "attack", "norm", "eps", "targeted", "target", "
 
 
 def _summarise(model_name, attack, norm, eps, mode, per_set, x, y, clean_pred, clean_correct, target_sets, seconds,
-               calls, rows, ids):
+               calls, rows, ids, label: str | None = None):
     """Rows for one (attack, eps, mode) and its summary record. Robust is per (target set, sample)."""
     n = len(y)
-    label = attack.name if not hasattr(attack, "attack_class") else f"foolbox:{attack.attack_class}"
+    label = label or (attack.name if not hasattr(attack, "attack_class") else f"foolbox:{attack.attack_class}")
     # Budgeted rows are in the audit's norm; an unbounded run is in the attack's own (CW: L2).
     row_norm = norm if eps is not None else attack.geometry.name
     robust_sets, attacked_sets, success_sets, l2_sets, linf_sets = [], [], [], [], []

@@ -305,6 +305,9 @@ class ModelUnderTest:
             "dtype": str(self.dtype).replace("torch.", ""),
             "amp": self.amp,
         }
+        defense = getattr(self.module, "defense", None)
+        if isinstance(defense, dict):
+            info["defense"] = defense  # how a robustlab defense built this model (JSON-ready)
         if self.inspection is not None:
             i = self.inspection
             info.update(num_classes=i.num_classes, input_shape=list(i.input_shape), output_kind=i.output_kind,

@@ -48,7 +48,8 @@ MARKER_DEFAULTS: dict[str, Any] = {
     "steps": None, "restarts": None, "min_clean_accuracy": None, "name": None,
 }
 # Further keyword arguments check()/audit() pass straight to robustlab.audit.
-AUDIT_OPTIONS = ("attacks", "seed", "bounds", "mean", "std", "classes", "output", "batch_size", "loss")
+AUDIT_OPTIONS = ("attacks", "seed", "bounds", "mean", "std", "classes", "output", "batch_size", "loss", "checks",
+                 "explain")
 # --robustlab-quick: caps (a smaller value from the marker or the call is kept).
 QUICK = {"n": 64, "pgd_steps": 10, "cw_steps": 20, "cw_binary_search_steps": 3}
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -551,7 +552,10 @@ class Gate:
         from robustlab import gates
 
         where = self._dirs.get(id(result))
-        found = gates.verdict(result)
+        def found(model, norm, eps, targeted) -> str | None:
+            """The integrity verdict of this gated row's own threat model."""
+            return gates.verdict(result, model=model, norm=norm, eps=eps, targeted=targeted)
+
         entry = self._state.baseline().get(self.nodeid)
         before = {} if entry is None else {_key(r): r.get("robust_accuracy") for r in entry.get("summary", [])}
         self._state.gates.extend(_gate_records(self.nodeid, checks, gated, where, found, len(self._state.gates),
@@ -606,11 +610,12 @@ def _key(row: dict) -> tuple:
     return (str(row.get("model")), str(row.get("attack")), str(row.get("norm")), eps, str(row.get("targeted")))
 
 
-def _gate_records(nodeid: str, checks: list, gated: Any, where: str | None, found: str | None, start: int,
+def _gate_records(nodeid: str, checks: list, gated: Any, where: str | None, found: Any, start: int,
                   before: dict) -> list:
     """One record per (model, attack, norm, eps, targeted) row that was gated or failed a check.
 
     `before`: this test's baseline robust accuracy per row key (shown even without --robustlab-compare-fail).
+    `found(model, norm, eps, targeted)`: the integrity verdict of that threat model, or None.
     """
     rows: dict[tuple, dict] = {}
 
@@ -619,7 +624,8 @@ def _gate_records(nodeid: str, checks: list, gated: Any, where: str | None, foun
             rows[key] = {"test": nodeid, "order": start + len(rows), "model": model, "attack": attack, "norm": norm,
                          "eps": eps, "targeted": targeted, "n": n, "clean_accuracy": _num(clean),
                          "robust_accuracy": _num(robust), "required": None, "required_clean": None,
-                         "baseline": _num(before.get(key)), "verdict": found or "not run", "passed": True, "checks": [],
+                         "baseline": _num(before.get(key)),
+                         "verdict": found(model, norm, eps, targeted) or "not run", "passed": True, "checks": [],
                          "failures": [], "results_dir": where}
         return rows[key]
 

@@ -7,7 +7,10 @@ Contract (documented in README.md):
 - results.json: {"schema", "metadata": {...}, "summary": [one record per (model, attack, norm,
   eps, targeted)]}; NaN is written as null.
 - samples.csv: one row per (model, sample, attack, eps, target).
-- examples.npz: a few clean and adversarial inputs for reports (see `example_key`).
+- examples.npz: a few clean and adversarial inputs for reports (see `example_key`), and the maps
+  of the explanation stage (`explain|KIND|MODEL|KEY`).
+- NAME.csv for each extra table (the explanation stage's frames, e.g. explain_saliency.csv),
+  listed in metadata["tables"].
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class AuditResult:
     samples: pd.DataFrame
     metadata: dict[str, Any] = field(default_factory=dict)
     examples: dict[str, np.ndarray] = field(default_factory=dict)  # see `example_key`; saved as examples.npz
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # extra tidy frames, saved as NAME.csv
 
     # ---------------------------------------------------------------- queries
     def robust_accuracy(self, *, attack: str = WORST_CASE, eps: float | None = None, model: str | None = None,
@@ -81,12 +85,16 @@ class AuditResult:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            document = {"schema": SCHEMA, "metadata": self.metadata,
+            metadata = dict(self.metadata, tables=sorted(self.tables)) if self.tables else self.metadata
+            document = {"schema": SCHEMA, "metadata": metadata,
                         "summary": _records(self.summary[SUMMARY_COLUMNS + _extra(self.summary, SUMMARY_COLUMNS)])}
             (staging / "results.json").write_text(json.dumps(_clean(document), indent=2, allow_nan=False) + "\n")
             self.samples.to_csv(staging / "samples.csv", index=False, float_format="%.9g")
             if self.examples:
                 np.savez_compressed(staging / "examples.npz", **self.examples)
+            for name, frame in self.tables.items():
+                _check_table_name(name)
+                frame.to_csv(staging / f"{name}.csv", index=False, float_format="%.9g")
             if not target.exists():
                 os.replace(staging, target)
             else:
@@ -137,7 +145,18 @@ def load(directory: str | os.PathLike) -> AuditResult:
     if (path / "examples.npz").exists():
         with np.load(path / "examples.npz", allow_pickle=False) as arrays:
             examples = {key: arrays[key] for key in arrays.files}
-    return AuditResult(summary=summary, samples=frame, metadata=document.get("metadata", {}), examples=examples)
+    metadata = document.get("metadata", {})
+    tables = {}
+    for name in metadata.get("tables", []) or []:
+        _check_table_name(name)
+        if (path / f"{name}.csv").exists():
+            tables[name] = pd.read_csv(path / f"{name}.csv")
+    return AuditResult(summary=summary, samples=frame, metadata=metadata, examples=examples, tables=tables)
+
+
+def _check_table_name(name: str) -> None:
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum() or name == "samples":
+        raise InputError("tables", f"table names are letters, digits, '_' and '-'; got {name!r}")
 
 
 def example_key(model: str, attack: str, eps: float | None, targeted: str) -> str:

@@ -27,17 +27,18 @@ def scripted(tmp_path_factory):
 def test_demo_writes_results_and_prints_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ROBUSTLAB_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "20", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--n", "20", "--quiet", "--defend", "none", "--explain", "none"]) == 0
     printed = capsys.readouterr().out
     assert "worst-case" in printed and "eps=0.05" in printed and "eps=0.2" in printed
     summary = json.loads((out / "results.json").read_text())["summary"]
-    assert {r["attack"] for r in summary} == {"fgsm", "pgd", "cw", "worst-case"}
+    # pgd-margin: the integrity checks' margin-loss PGD, always run with checks on
+    assert {r["attack"] for r in summary} == {"fgsm", "pgd", "cw", "pgd-margin", "worst-case"}
     assert {r["eps"] for r in summary if r["eps"] is not None} == {0.05, 0.1, 0.2}
     cached = tmp_path / "cache" / "digits-cnn-v2.safetensors"
     first = json.loads((out / "results.json").read_text())["metadata"]["models"]["digits-cnn"]["sha256"]
     stamp = cached.stat().st_mtime_ns
     # the second run reuses the cached model: same file, same hash, no retraining
-    assert main(["demo", "--out", str(out), "--n", "5", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--n", "5", "--quiet", "--defend", "none", "--explain", "none"]) == 0
     again = json.loads((out / "results.json").read_text())["metadata"]["models"]["digits-cnn"]["sha256"]
     assert again == first and cached.stat().st_mtime_ns == stamp
     assert json.loads((out / "results.json").read_text())["summary"][0]["n"] == 5

@@ -205,7 +205,8 @@ def test_passing_gate_and_summary_table(project):
     run.stdout.fnmatch_lines([
         "*robustlab robustness gates*",
         "test * model * attack * eps * clean * robust * required * baseline * verdict * result",
-        "test_gate.py::test_small_eps_is_robust * linear * pgd * linf 0.01 * 0.781 * 0.* 0.500 * - * not run * PASS",
+        # the integrity checks ran (robustlab.integrity) and found nothing wrong with the linear model at eps 0.01
+        "test_gate.py::test_small_eps_is_robust * linear * pgd * linf 0.01 * 0.781 * 0.* 0.500 * - * robust * PASS",
         "1 gates, 0 failed",
     ])
 
@@ -224,7 +225,8 @@ def test_failing_gate_names_model_attack_eps_and_values(project):
     assert ("FAIL model 'linear', attack pgd at linf eps=0.2 (targeted: next): robust_accuracy measured "
             f"{targeted['robust_accuracy']:.4g}, required >= 0.95 (min_accuracy)") in out
     assert f"clean accuracy of 'linear': {untargeted['clean_accuracy']:.4g} (n=32)" in out
-    assert "integrity checks: not run" in out
+    verdict = gates.verdict(robustlab.load(rep / "test_gate.py__test_large_eps"), model="linear", targeted="none")
+    assert verdict and f"integrity checks: {verdict}" in out and "integrity checks: not run" not in out
     assert f"results: {rep / 'test_gate.py__test_large_eps'}" in out
     if callable(getattr(robustlab.reports, "render", None)):  # the HTML report, once its renderer exists
         html = rep / "test_gate.py__test_large_eps" / "report.html"
@@ -275,7 +277,7 @@ import robustlab as rl
 def test_explicit(robustlab, model, data):
     result = robustlab.audit(model, data, attacks=["fgsm", "pgd"], eps=[0.01, 0.05], steps=5, name="linear")
     saved = rl.load(robustlab.settings.report / "test_gate.py__test_explicit")
-    assert len(saved.summary) == len(result.summary) == 6  # (fgsm, pgd, worst-case) x 2 eps
+    assert len(saved.summary) == len(result.summary) == 8  # (fgsm, pgd, pgd-margin, worst-case) x 2 eps
     robustlab.assert_robust(result, attack="worst-case", eps=0.05, min_accuracy=0.3)
 """)
     run = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-report", "rep",
@@ -298,7 +300,7 @@ def test_explicit(robustlab, model, data):
     assert by_test["test_gate.py::test_large_eps"]["required"] == 0.9
     assert by_test["test_gate.py::test_large_eps"]["results_dir"] == str(rep / "test_gate.py__test_large_eps")
     assert by_test["test_gate.py::test_small_eps_is_robust"]["passed"] is True
-    assert by_test["test_gate.py::test_small_eps_is_robust"]["verdict"] == "not run"
+    assert by_test["test_gate.py::test_small_eps_is_robust"]["verdict"] == "robust"
     markdown = (rep / "summary.md").read_text()
     assert "4 gates, 2 failed." in markdown
     assert "| `test_gate.py::test_large_eps` | linear | pgd | linf 0.1 |" in markdown and "❌ **FAIL**" in markdown
@@ -332,7 +334,8 @@ def test_audit_only(robustlab, model, data):
     worse.assert_outcomes(failed=2)
     out = worse.stdout.str()
     assert f"vs baseline {gated:.4g} (-0.2); required >= {gated * 0.98:.4g} (allowed 2% of baseline" in out
-    assert "robustness regression: 1 of 1 checks failed (test_gate.py::test_audit_only)" in out
+    # pgd, and the pgd-margin and worst-case rows the integrity checks add: each 0.2 worse than the baseline
+    assert "robustness regression: 3 of 3 checks failed (test_gate.py::test_audit_only)" in out
     worse.stdout.fnmatch_lines([f"*test_small_eps_is_robust * linear * pgd * linf 0.01 * 0.500 * {gated:.3f} *FAIL"])
 
     quick = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json",
@@ -351,7 +354,7 @@ def test_audit_only(robustlab, model, data):
     # a baseline without a fail criterion is shown, never enforced
     shown = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json")
     shown.assert_outcomes(passed=2)
-    shown.stdout.fnmatch_lines([f"*test_small_eps_is_robust * 0.500 * {gated:.3f} * not run * PASS"])
+    shown.stdout.fnmatch_lines([f"*test_small_eps_is_robust * 0.500 * {gated:.3f} * robust * PASS"])
 
 
 def test_ini_options_and_command_line_override(project):

@@ -21,7 +21,7 @@ SECTION_IDS = ["verdict", "audited", "accuracy", "targeted", "per-class", "norms
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return demo_like(tmp_path_factory.mktemp("report") / "demo")
+    return demo_like(tmp_path_factory.mktemp("report") / "demo", checks="default")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def test_report_sections_in_reading_order(rendered, results):
     for heading in ("Verdict", "What was audited", "Clean vs robust accuracy", "Targeted attacks",
                     "Per-class robust accuracy", "Smallest adversarial perturbations", "Adversarial examples"):
         assert f"<h2>{heading}</h2>" in text
-    assert "Integrity checks: not run" in text
+    assert "Integrity checks: not run" not in text and "Integrity checks (default):" in text
+    assert "Loss gradients are usable" in text and "worst-case robust accuracy" in text
     assert "no thresholds set" in text
     meta = json.loads((results / "results.json").read_text())["metadata"]
     assert meta["models"]["DigitsCNN"]["sha256"] in text and meta["data"]["sha256"] in text
@@ -78,7 +79,8 @@ def test_summary_markdown(results, rendered):
     assert path == results / "summary.md"
     text = path.read_text()
     assert text.startswith("## robustlab audit: DigitsCNN")
-    assert "Verdict: no thresholds recorded" in text and "Integrity checks: **not run**" in text
+    assert "Verdict: no thresholds recorded" in text and "Integrity checks (default):" in text
+    assert "### Integrity verdict" in text
     assert "### Worst-case robust accuracy" in text and "### Robust accuracy per attack" in text
     assert "| DigitsCNN | linf | untargeted |" in text and "targeted (next)" in text
     assert "eps=0.05" in text and "eps=0.2" in text and "median L2" in text
@@ -93,7 +95,9 @@ def test_cli_audit_records_thresholds_and_writes_report(tmp_path, capsys):
     assert code == 1  # an untrained model misses the clean-accuracy threshold
     assert (out / "report.html").exists() and (out / "summary.md").exists()
     meta = json.loads((out / "results.json").read_text())["metadata"]
-    assert [c["passed"] for c in meta["thresholds"]] == [False, True]
+    # one clean-accuracy check per summary row (the checks add pgd-margin and worst-case rows), then robust accuracy
+    assert [c["metric"] for c in meta["thresholds"]][-1] == "robust_accuracy"
+    assert [c["passed"] for c in meta["thresholds"]] == [False] * (len(meta["thresholds"]) - 1) + [True]
     report = (out / "report.html").read_text()
     assert "threshold missed" in report and "clean_accuracy &gt;= 0.99" in report
     assert "❌" in (out / "summary.md").read_text()

@@ -13,6 +13,6 @@ in `SECTIONS`, shown when its results are present.
 
 from __future__ import annotations
 
-from . import accuracy, audited, examples, norms, per_class, targeted, verdict
+from . import accuracy, audited, defenses, examples, explanations, norms, per_class, targeted, verdict
 
-SECTIONS = [verdict, audited, accuracy, targeted, per_class, norms, examples]
+SECTIONS = [verdict, audited, accuracy, defenses, targeted, per_class, norms, examples, explanations]

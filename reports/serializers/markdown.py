@@ -49,7 +49,7 @@ def summary(result: AuditResult, *, report: str | None = None) -> str:
         out.append("**Verdict: ✅ every recorded threshold was met.**")
     else:
         out.append("**Verdict: no thresholds recorded.**")
-    out += ["", "Integrity checks: **not run** (robustness measured, not established).", ""]
+    out += ["", *_integrity_head(result, lines), ""]
 
     eps_list = facts.eps_values(result.summary)
     if lines:
@@ -60,6 +60,7 @@ def summary(result: AuditResult, *, report: str | None = None) -> str:
                         [facts.pct(t.worst.get(e)) if e in t.worst else "–" for e in eps_list] + [_status(t)])
         out += _table(["model", "norm", "threat model", "clean", *[f"eps={e:g}" for e in eps_list], "verdict"], rows, 3)
         out.append("")
+    out += _integrity(result, lines)
     checks = [c for t in lines for c in t.thresholds]
     if checks:
         out += ["### Thresholds", ""]
@@ -97,6 +98,48 @@ def summary(result: AuditResult, *, report: str | None = None) -> str:
     if report:
         out += [f"Full report: `{md(report)}`", ""]
     return "\n".join(out)
+
+
+def _integrity_head(result: AuditResult, lines: list[facts.ThreatModel]) -> list[str]:
+    level = facts.checks_level(result.metadata)
+    if level in (None, "none"):
+        return ["Integrity checks: **not run** (robustness measured, not established)."]
+    results = facts.check_results(result.metadata)
+    counts = {s: sum(1 for c in results if c.get("status") == s) for s in ("pass", "fail", "skipped")}
+    unproven = sum(1 for v in facts.verdict_records(result.metadata) if v.get("verdict") == "robustness not established")
+    text = (f"Integrity checks ({md(level)}): {counts['pass']} passed, **{counts['fail']} failed**, "
+            f"{counts['skipped']} skipped; adaptive attacks are included in the worst case.")
+    if unproven:
+        text += f" **Robustness not established** for {unproven} (threat model, eps) pair{'s' if unproven != 1 else ''}."
+    return [text]
+
+
+def _integrity(result: AuditResult, lines: list[facts.ThreatModel]) -> list[str]:
+    """Verdict per threat model and eps, then each failed check with its evidence and next step."""
+    records = facts.verdict_records(result.metadata)
+    if facts.checks_level(result.metadata) in (None, "none") or not records:
+        return []
+    mark = {"robust": "✅ robust", "not robust": "❌ not robust", "robustness not established": "⚠️ robustness not established"}
+    rows = [[md(v.get("model")), md(facts.mode_label(str(v.get("targeted")))), facts.eps_label(v.get("eps")),
+             mark.get(str(v.get("verdict")), md(v.get("verdict"))), facts.pct(v.get("robust_accuracy")),
+             md(", ".join(v.get("reasons") or [])) or "–"] for v in records]
+    out = ["### Integrity verdict", ""]
+    out += _table(["model", "threat model", "eps", "verdict", "worst-case robust", "failed checks"], rows, 4)
+    out.append("")
+    failed = [c for c in facts.check_results(result.metadata) if c.get("status") == "fail"]
+    if failed:
+        out += ["### Failed checks", ""]
+        for c in failed:
+            where = " ".join(x for x in (md(c.get("model")), f"eps={float(c['eps']):g}" if facts.is_num(c.get("eps")) else "",
+                                         md(facts.mode_label(str(c["targeted"]))) if c.get("targeted") else "") if x)
+            out.append(f"- ❌ **{md(c.get('title') or c.get('check'))}** ({where}): {md(c.get('explanation'))} "
+                       f"Evidence: {md(facts.evidence_text(c.get('evidence')))}. Next: {md(c.get('next_step'))}")
+        out.append("")
+    runs = [a for a in facts.adaptive_runs(result.metadata)]
+    if runs:
+        out += ["Adaptive attacks: " + "; ".join(f"{md(a.get('attack'))} on {md(a.get('model'))} ({md(a.get('reason'))})"
+                                                for a in runs), ""]
+    return out
 
 
 def comparison(comp) -> str:

@@ -1,0 +1,250 @@
+"""What the attacks changed inside the model: saliency, SHAP and layer probes, clean vs adversarial.
+
+Shown when the audit ran its explanation stage (`--explain`); everything comes from the saved
+frames (explain_*.csv) and maps (examples.npz, `explain|KIND|MODEL|KEY`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from robustlab.results import AuditResult
+
+from .. import facts, figures
+from ..serializers.html import cell, esc, table
+
+ID = "explanations"
+TITLE = "What the attacks changed: explanations"
+MAX_MAPS = 6
+
+
+def applies(result: AuditResult) -> bool:
+    return any(name.startswith("explain_") for name in result.tables)
+
+
+def render(result: AuditResult) -> str:
+    info = (result.metadata or {}).get("explain", {}) or {}
+    html = ('<p class="note">Explanations of the same correctly classified samples before and after each attack '
+            '(the strongest attack at each budget). Saliency and SHAP explain the true class; probes are linear '
+            'classifiers on each layer\'s activations. See the definitions under each table.</p>')
+    html += _saliency(result, info)
+    html += _sanity(result)
+    html += _shap(result, info)
+    html += _probes(result)
+    html += _skipped(info)
+    return html
+
+
+# ---------------------------------------------------------------------------- saliency
+def _saliency(result: AuditResult, info: dict) -> str:
+    summary = result.tables.get("explain_saliency_summary")
+    if summary is None or summary.empty:
+        return ""
+    rows = []
+    for _, r in summary.iterrows():
+        flagged = r.get("flagged")
+        flag = "" if not isinstance(flagged, str) or not flagged else flagged
+        rows.append("<tr>" + "".join([
+            cell(r["model"], cls="l"), cell(_key_label(r["key"]), cls="l"), cell(r.get("method", ""), cls="l"),
+            cell(facts.pct(r.get("fooled_share"))), cell(_num(r.get("spearman_median")), sort=_v(r.get("spearman_median"))),
+            cell(_num(r.get("topk_median")), sort=_v(r.get("topk_median"))),
+            cell(_num(r.get("completeness_error_median"), ".2g")),
+            cell(_num(r.get("sensitivity_max_median"), ".3g")), cell(_num(r.get("infidelity_median"), ".3g")),
+            cell(flag or "–", cls="l bad" if flag else "l")]) + "</tr>")
+    html = "<h3>Saliency: how far the attribution moved</h3>"
+    html += table(["model", "inputs", "method", "fooled", "Spearman (median)", "top-10% overlap", "completeness error",
+                   "sensitivity max", "infidelity", "flag"], rows, sortable=True, text=3)
+    html += ('<p class="note"><b>Spearman</b>: rank correlation between the clean and the adversarial map (|attribution|), '
+             '1 = unchanged. <b>top-10% overlap</b>: share of the most important features both maps share. '
+             '<b>completeness error</b>: |sum of attributions − (f(x) − f(baseline))| relative; a method whose '
+             'completeness fails on this model is flagged and its maps should not be trusted. <b>sensitivity max</b> '
+             'and <b>infidelity</b> (captum.metrics): how much the explanation changes under small noise, and how '
+             'well it predicts the output change (lower is better for both).</p>')
+    return html + _maps(result, "saliency", "Integrated-gradients maps of the true class")
+
+
+def _maps(result: AuditResult, kind: str, caption: str) -> str:
+    out = []
+    for model in facts.models(result):
+        prefix = f"explain|{kind}|{model}|"
+        keys = [k[len(prefix):] for k in result.examples if k.startswith(prefix)]
+        if "clean" not in keys:
+            continue
+        clean_maps = _as_maps(result.examples[prefix + "clean"])
+        images = result.examples.get(f"clean|{model}")
+        others = [k for k in keys if k != "clean"]
+        columns = ["clean"] + others
+        count = min(MAX_MAPS, len(clean_maps))
+        head = "<th>input</th>" + "".join(f"<th>{esc(_key_label(k))}</th>" for k in columns)
+        rows = []
+        bounds = _bounds(result, model)
+        for i in range(count):
+            cells = []
+            if images is not None and i < len(images) and _is_image(images[i]):
+                cells.append(f'<td><img src="{figures.image_uri(images[i], *bounds)}" alt="input {i}"></td>')
+            else:
+                cells.append("<td>–</td>")
+            maps = [_as_maps(result.examples[prefix + k])[i] for k in columns]
+            scale = max(float(np.max(np.abs(m))) for m in maps) or 1.0
+            for k, m in zip(columns, maps):
+                cells.append(f'<td><img src="{figures.delta_uri(m, scale)}" alt="{esc(kind)} map {i} {esc(k)}"></td>')
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        if rows:
+            out.append(f"<h4>{esc(caption)}: {esc(model)}</h4>"
+                       f'<div class="scroll"><table class="examples"><thead><tr>{head}</tr></thead>'
+                       f'<tbody>{"".join(rows)}</tbody></table></div>'
+                       '<p class="note">Red: evidence for the true class, blue: against; one colour scale per row.</p>')
+    return "".join(out)
+
+
+def _as_maps(array: np.ndarray) -> np.ndarray:
+    """(n, C, H, W) -> (n, H, W) summed over channels; (n, k, C, H, W) SHAP -> its first class."""
+    a = np.asarray(array, dtype=float)
+    if a.ndim == 5:
+        a = a[:, 0]
+    if a.ndim == 4:
+        a = a.sum(axis=1)
+    return a
+
+
+def _is_image(x: np.ndarray) -> bool:
+    return np.asarray(x).ndim in (2, 3) and np.asarray(x).shape[-1] > 1 and np.asarray(x).shape[-2] > 1
+
+
+def _bounds(result: AuditResult, model: str) -> tuple[float, float]:
+    b = ((result.metadata or {}).get("models", {}).get(model, {}) or {}).get("bounds", {}) or {}
+    low, high = b.get("low", 0.0), b.get("high", 1.0)
+    low = float(np.min(low)) if isinstance(low, list) else float(low)
+    high = float(np.max(high)) if isinstance(high, list) else float(high)
+    return low, high
+
+
+# ---------------------------------------------------------------------------- sanity check
+def _sanity(result: AuditResult) -> str:
+    frame = result.tables.get("explain_sanity")
+    if frame is None or frame.empty:
+        return ""
+    rows = []
+    for (model, method), block in frame.groupby(["model", "method"], sort=False):
+        block = block.sort_values("step")
+        last = block.iloc[-1]
+        verdict = str(last.get("verdict", ""))
+        rows.append("<tr>" + "".join([
+            cell(model, cls="l"), cell(method, cls="l"), cell(int(last["step"])),
+            cell(_num(last.get("spearman_median"))), cell(_num(last.get("ssim_median"))),
+            cell(verdict, cls="l " + ("ok" if verdict.startswith("reflects") else "bad"))]) + "</tr>")
+    return ("<h3>Sanity check: do the maps depend on the model?</h3>"
+            + table(["model", "method", "layers randomised", "Spearman vs trained", "SSIM vs trained", "verdict"],
+                    rows, text=2)
+            + '<p class="note">Cascading parameter randomisation (Adebayo et al. 2018): layers are re-initialised from '
+              'the output down and the maps recomputed. A method whose maps stay similar (Spearman on the informative '
+              'region) does not reflect what the model learned.</p>')
+
+
+# ---------------------------------------------------------------------------- SHAP
+def _shap(result: AuditResult, info: dict) -> str:
+    shift = result.tables.get("explain_shap_shift")
+    samples = result.tables.get("explain_shap_samples")
+    if shift is None or shift.empty:
+        return ""
+    html = "<h3>SHAP: which features the attack exploited</h3>"
+    explainers = ", ".join(f"{esc(m)}: {esc(i.get('shap_explainer'))}" + (
+        f" (fallback: {esc(i['shap_fallback'])})" if i.get("shap_fallback") else "")
+        for m, i in info.items() if isinstance(i, dict) and i.get("shap_explainer"))
+    if explainers:
+        html += f'<p class="note">Explainer per model: {explainers}.</p>'
+    rows = []
+    for (model, key), block in shift.groupby(["model", "key"], sort=False):
+        top = block.sort_values("rank").head(5)
+        features = ", ".join(f"{_feature(f)} ({_num(c, '+.2g')})" for f, c in zip(top["feature"], top["mean_change"]))
+        rho = None
+        if samples is not None and not samples.empty:
+            s = samples[(samples["model"] == model) & (samples["key"] == key)]
+            rho = float(s["spearman"].median()) if len(s) and s["spearman"].notna().any() else None
+        rows.append("<tr>" + "".join([cell(model, cls="l"), cell(_key_label(key), cls="l"),
+                                      cell(_num(rho)), cell(features, cls="l")]) + "</tr>")
+    html += table(["model", "inputs", "Spearman clean vs adv", "most changed features (mean change of the true "
+                   "class's SHAP)"], rows, text=2)
+    return html + _maps(result, "shap", "SHAP values of the true class")
+
+
+def _feature(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return esc(value)
+
+
+# ---------------------------------------------------------------------------- probes
+def _probes(result: AuditResult) -> str:
+    layers = result.tables.get("explain_probe_layers")
+    adversarial = result.tables.get("explain_probe_adversarial")
+    if layers is None or layers.empty:
+        return ""
+    html = "<h3>Layer probes: where the representation was pushed over</h3>"
+    for model, block in layers.groupby("model", sort=False):
+        adv = adversarial[adversarial["model"] == model] if adversarial is not None else pd.DataFrame()
+        keys = list(dict.fromkeys(adv["key"])) if len(adv) else []
+        rows = []
+        for _, r in block.iterrows():
+            cells = [cell(r["layer"], cls="l"), cell(int(r["dim"])), cell(facts.pct(r["label_accuracy"])),
+                     cell(facts.pct(r["control_accuracy"])), cell(_num(r["selectivity"], "+.2f"))]
+            for k in keys:
+                hit = adv[(adv["key"] == k) & (adv["layer"] == r["layer"])]
+                acc = float(hit["accuracy"].iloc[0]) if len(hit) else None
+                auc = float(hit["detect_auc"].iloc[0]) if len(hit) else None
+                cells.append(cell(f"{facts.pct(acc)} · {_num(auc, '.2f')}"))
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        headers = ["layer", "dim", "label probe", "control task", "selectivity",
+                   *[f"{_key_label(k)}: accuracy · AUC" for k in keys]]
+        html += f"<h4>{esc(model)}</h4>" + table(headers, rows, text=1)
+    html += ('<p class="note"><b>label probe</b>: held-out accuracy of a logistic regression predicting the label from '
+             'the layer; <b>control task</b>: the same probe on random labels tied to input clusters (Hewitt and Liang '
+             '2019); <b>selectivity</b> = label − control. Per attack: <b>accuracy</b> of the clean-trained probe on '
+             'adversarial activations (true label), and <b>AUC</b> of a probe separating clean from adversarial '
+             'activations (0.5 = indistinguishable).</p>')
+    crossing = result.tables.get("explain_probe_crossing")
+    if crossing is not None and not crossing.empty:
+        items = []
+        for _, r in crossing.iterrows():
+            where = r.get("layer_not_true")
+            where = where if isinstance(where, str) and where else "no layer (fewer than half cross)"
+            items.append(f"<li>{esc(r['model'])}, {esc(_key_label(r['key']))}: {esc(where)}</li>")
+        html += "<p>First layer where the probes no longer see the true class (successful attacks):</p><ul>"
+        html += "".join(items) + "</ul>"
+    return html
+
+
+def _skipped(info: dict) -> str:
+    items = []
+    for model, i in info.items():
+        if not isinstance(i, dict):
+            continue
+        for stage, why in (i.get("skipped") or {}).items():
+            items.append(f"<li>{esc(model)}: {esc(stage)} not run: {esc(why)}</li>")
+        for flag in i.get("flags") or []:
+            items.append(f'<li class="bad">{esc(model)}: {esc(flag)}</li>')
+    return f"<h3>Notes</h3><ul>{''.join(items)}</ul>" if items else ""
+
+
+# ---------------------------------------------------------------------------- helpers
+def _key_label(key) -> str:
+    if key == "clean":
+        return "clean"
+    attack, _, eps = str(key).partition("|")
+    return f"{attack} eps={eps}" if eps else str(key)
+
+
+def _num(value, spec: str = ".3f") -> str:
+    v = _v(value)
+    return "–" if v is None else format(v, spec)
+
+
+def _v(value):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v

@@ -1,0 +1,116 @@
+"""Which adaptive attacks to run, from the checks that failed (Athalye et al. 2018; Tramer et al. 2020).
+
+- always (checks on): PGD with the margin loss ("pgd-margin"): it does not vanish where the softmax
+  saturates (distillation, probability outputs) and costs one more PGD; it also feeds check 7;
+- gradients blocked: BPDA ("pgd-bpda") through the layers `find_gradient_blockers` names (identity
+  backward), judged on the original model by `transfer`; no such layer: the Square attack;
+- random forward pass: EoT ("pgd-eot", gradient averaged over EOT_SAMPLES passes);
+- black-box beat white-box: the Square attack in full ("square") / transfer ("transfer");
+- PGD not converged: the stronger PGD on every sample ("pgd-strong");
+- any other failed check (unbounded, iterative-vs-single-step, eps-monotonic) with no gradient
+  cause found: the Square attack, which needs no gradient.
+Their rows join the summary and the per-sample worst case, so the reported robust accuracy is
+the adaptive one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from robustlab.attacks import PGD
+
+from .base import CheckResult, Extra, ModelContext
+from .probes import SQUARE_QUERIES, square_attack, stronger_pgd
+
+EOT_SAMPLES = 8
+ADAPTIVE_STEPS = 20  # at least; else twice the audit PGD's steps
+BLOCKER_SAMPLES = 64
+
+
+def margin_pgd(ctx: ModelContext) -> Extra | None:
+    """The always-run margin-loss PGD (the audit's PGD settings with loss='margin')."""
+    pgd = ctx.attack("pgd")
+    if pgd is not None and pgd.loss == "margin":
+        return None  # the audit's PGD already uses it
+    attack = (pgd or PGD(norm=ctx.norm)).replace(loss="margin", eps=None)
+    return Extra(label="pgd-margin", attack=attack, check="margin-vs-ce",
+                 reason="always run with the checks: the margin loss does not vanish where the softmax saturates")
+
+
+def plan(ctx: ModelContext, results: list[CheckResult]) -> tuple[list[Extra], list[dict]]:
+    """Adaptive attacks for the failed checks, and notes on those that could not be run."""
+    failed = [r for r in results if r.status == "fail"]
+    names = {r.check for r in failed}
+    extras: list[Extra] = []
+    notes: list[dict] = []
+    square_eps: set[float] = set()
+    steps = max(ADAPTIVE_STEPS, 2 * (getattr(ctx.attack("pgd"), "steps", 0) or 0))
+    if "gradients" in names:
+        blocked = _bpda(ctx, steps)
+        if isinstance(blocked, Extra):
+            extras.append(blocked)
+        else:
+            notes.append({"model": ctx.mut.name, "attack": "pgd-bpda", "check": "gradients", "reason": blocked})
+            square_eps.update(ctx.eps)
+    if "determinism" in names:
+        try:
+            attack = PGD(norm=ctx.norm, steps=steps, loss="margin", eot_samples=EOT_SAMPLES)  # type: ignore[call-arg]
+            extras.append(Extra(label="pgd-eot", attack=attack, check="determinism",
+                                reason=f"random forward pass: PGD with the gradient averaged over {EOT_SAMPLES} "
+                                       "passes (EoT)"))
+        except TypeError:
+            notes.append({"model": ctx.mut.name, "attack": "pgd-eot", "check": "determinism",
+                          "reason": "PGD has no eot_samples option in this version"})
+            square_eps.update(ctx.eps)
+    for r in failed:
+        if r.check == "black-box":
+            for source in r.evidence.get("failed_by", []):
+                if source == "square":
+                    square_eps.add(float(r.eps))
+                elif source == "transfer" and ctx.surrogate is not None:
+                    extras.append(Extra(label="transfer", attack=(ctx.attack("pgd") or PGD(norm=ctx.norm)).replace(eps=None),
+                                        check="black-box", source=ctx.surrogate, transfer=True, eps=[float(r.eps)],
+                                        reason="transfer from the surrogate broke points the white-box attacks missed"))
+        elif r.check == "convergence":
+            extras.append(Extra(label="pgd-strong", attack=stronger_pgd(ctx).replace(eps=None), check="convergence",
+                                eps=[float(r.eps)], reason="PGD had not converged: twice the steps and one more "
+                                                           "restart, on every sample"))
+    if names & {"unbounded", "iterative-vs-single-step", "eps-monotonic"} and not names & {"gradients", "determinism"}:
+        square_eps.update(ctx.eps)
+    merged = {}
+    for e in extras:  # one row set per label: merge the eps lists of the same attack
+        if e.label in merged and merged[e.label].eps is not None and e.eps is not None:
+            merged[e.label].eps = sorted(set(merged[e.label].eps) | set(e.eps))
+        else:
+            merged.setdefault(e.label, e)
+    extras = list(merged.values())
+    if square_eps:
+        square = square_attack(ctx, 0.0, SQUARE_QUERIES["strict"])
+        if square is None:
+            notes.append({"model": ctx.mut.name, "attack": "square", "check": None,
+                          "reason": "the Square attack (robustlab.attacks.square) is not available"})
+        else:
+            why = sorted(names & {"black-box", "gradients", "determinism", "unbounded", "iterative-vs-single-step",
+                                  "eps-monotonic"})
+            extras.append(Extra(label="square", attack=square.replace(eps=None), check=", ".join(why), source=ctx.mut,
+                                eps=sorted(square_eps),
+                                reason="a score-based attack, which needs no gradient, after: " + ", ".join(why)))
+    return extras, notes
+
+
+def _bpda(ctx: ModelContext, steps: int) -> Extra | str:
+    from robustlab.attacks.adaptive import bpda, find_gradient_blockers
+
+    if not isinstance(ctx.mut.module, torch.nn.Module):
+        return "the model is not an nn.Module: no layer to replace"
+    idx = torch.nonzero(ctx.clean_correct).reshape(-1)[:BLOCKER_SAMPLES]
+    if len(idx) == 0:
+        return "no correctly classified sample to locate blocking layers on"
+    layers = find_gradient_blockers(ctx.mut, ctx.x[idx], ctx.y[idx])
+    if not layers:
+        return "gradients are blocked but no single layer blocks them (an op inside a forward?); Square used instead"
+    surrogate = bpda(ctx.mut, layers, probe=ctx.x[idx[:16]])
+    attack = PGD(norm=ctx.norm, steps=steps, loss="margin")
+    return Extra(label="pgd-bpda", attack=attack, check="gradients", source=surrogate, transfer=True,
+                 reason=f"gradients blocked by {', '.join(layers)}: BPDA (identity backward through them), adversarial "
+                        "inputs judged on the original model")

@@ -1,0 +1,227 @@
+"""Integrity checks and verdicts (robustlab.integrity), on a zoo of models with known answers.
+
+Flagged models (tests/integrity_zoo.py) must never be called robust, the check that names their
+flaw must fail, and the adaptive attack must bring their robust accuracy to at most the undefended
+CNN's + ADAPTIVE_SLACK. Honest models (plain CNN, PGD-trained CNN) must fail no check, on three
+disjoint slices of the test data with three seeds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import robustlab
+from robustlab import gates
+from robustlab.data import Dataset, digits_split
+from robustlab.errors import InputError
+from robustlab.model import RobustlabWarning
+from robustlab.integrity import (NOT_ESTABLISHED, NOT_ROBUST, ROBUST, compute_verdicts, format_checks,
+                                 threshold_blocked)
+from robustlab.integrity.base import ModeEvidence
+from robustlab.integrity.comparisons import eps_monotonic
+from robustlab.integrity.stats import sign_test_p, wilson
+import integrity_zoo as zoo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N = 100
+EPS = (0.05, 0.1)
+ADAPTIVE_SLACK = 0.05  # adaptive robust accuracy of a flagged model <= undefended CNN's + 5 points
+
+
+def _slice(seed: int) -> Dataset:
+    data = digits_split("test")
+    a, b = N * seed, N * (seed + 1)
+    return Dataset(data.x[a:b], data.y[a:b], data.source, data.classes, data.indices[a:b])
+
+
+@functools.lru_cache(maxsize=None)
+def audited(name: str, seed: int = 0, checks: str = "default"):
+    builder = {**zoo.FLAGGED, **zoo.HONEST}[name]
+    options = dict(output="probs") if name == "softmax" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RobustlabWarning)  # random-noise: "forward pass is not deterministic"
+        return robustlab.audit(builder(), _slice(seed), attacks=("fgsm", "pgd", "cw"), eps=EPS, seed=seed, name=name,
+                               checks=checks, progress=False, **options)
+
+
+def failed(result) -> set[str]:
+    return {c["check"] for c in result.metadata["checks"]["results"] if c["status"] == "fail"}
+
+
+# ---------------------------------------------------------------------------- statistics
+def test_statistics_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for b, c in [(0, 0), (3, 0), (10, 0), (12, 3), (5, 9), (40, 25)]:
+        expected = stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
+        assert sign_test_p(b, c) == pytest.approx(expected, rel=1e-9)
+    for k, n in [(0, 64), (5, 64), (64, 64), (30, 100)]:
+        ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.99, method="wilson")
+        assert wilson(k, n) == pytest.approx((ci.low, ci.high), abs=2e-4)
+
+
+# ---------------------------------------------------------------------------- check 1 on synthetic results
+def _evidence(robust_by_eps: dict[float, float], n: int = 200) -> ModeEvidence:
+    """One attack ('pgd') whose per-sample robust set at each eps is the first share * n samples."""
+    ev = ModeEvidence(mode="none", target_sets=[], masks=torch.ones(1, n, dtype=torch.bool))
+    for eps, share in robust_by_eps.items():
+        robust = (torch.arange(n) < int(share * n)).reshape(1, n)
+        ev.robust[("pgd", eps)] = robust
+        ev.success[("pgd", eps)] = ~robust
+    return ev
+
+
+def test_eps_monotonic_fires_when_robust_accuracy_rises_with_eps():
+    ctx = SimpleNamespace(mut=SimpleNamespace(name="m"), eps=[0.1, 0.2], norm="linf", via_transfer=False)
+    rising = eps_monotonic(ctx, _evidence({0.1: 0.3, 0.2: 0.8}), ["pgd"])
+    assert rising.status == "fail" and rising.eps is None and rising.targeted == "none"
+    assert rising.evidence["smallest_p"] < rising.evidence["alpha"]
+    assert eps_monotonic(ctx, _evidence({0.1: 0.8, 0.2: 0.3}), ["pgd"]).status == "pass"
+    # a rise within noise (2 samples of 200) does not fire
+    assert eps_monotonic(ctx, _evidence({0.1: 0.50, 0.2: 0.51}), ["pgd"]).status == "pass"
+    # the verdict: the attacks failed at both eps, but the check fired: not established
+    import pandas as pd
+
+    summary = pd.DataFrame([{"model": "m", "attack": "pgd", "norm": "linf", "eps": e, "targeted": "none",
+                             "clean_accuracy": 0.9, "robust_accuracy": r} for e, r in ((0.1, 0.5), (0.2, 0.8))])
+    verdicts = compute_verdicts(summary, [rising.to_dict()], norm="linf")
+    assert [v["verdict"] for v in verdicts] == [NOT_ESTABLISHED, NOT_ESTABLISHED]
+    assert verdicts[0]["reasons"] == ["eps-monotonic"]
+    assert [v["verdict"] for v in compute_verdicts(summary, [], norm="linf")] == [ROBUST, ROBUST]
+    summary.loc[0, "robust_accuracy"] = 0.44  # < 0.5 x 0.9: broken
+    assert compute_verdicts(summary, [rising.to_dict()], norm="linf")[0]["verdict"] == NOT_ROBUST
+
+
+# ---------------------------------------------------------------------------- the zoo
+EXPECTED = {  # the check that names each flaw, and the adaptive attack that must have run
+    "quantised": ("gradients", "pgd-bpda"),
+    "gradient-killer": ("gradients", "pgd-bpda"),
+    "random-noise": ("determinism", "pgd-eot"),
+    "softmax": ("logits", "pgd-margin"),
+    "distilled": ("margin-vs-ce", "pgd-margin"),
+}
+
+
+@pytest.mark.parametrize("name", list(zoo.FLAGGED))
+def test_flagged_models_are_never_called_robust(name):
+    result = audited(name)
+    check, attack = EXPECTED[name]
+    assert check in failed(result), result.metadata["checks"]["results"]
+    verdicts = result.metadata["verdict"]
+    assert {v["eps"] for v in verdicts} == set(EPS)
+    assert all(v["verdict"] in (NOT_ESTABLISHED, NOT_ROBUST) for v in verdicts), verdicts
+    assert all(check in v["reasons"] for v in verdicts)
+    assert attack in set(result.summary["attack"])
+    # the adaptive attack's rows are in the worst case, which is no better than the undefended CNN's
+    undefended = audited("plain").robust_accuracy(eps=0.1)
+    adaptive = result.robust_accuracy(eps=0.1)
+    assert adaptive <= undefended + ADAPTIVE_SLACK, (adaptive, undefended)
+    for v in verdicts:
+        assert v["robust_accuracy"] == pytest.approx(result.robust_accuracy(eps=v["eps"]))
+
+
+@pytest.mark.parametrize("name", ["quantised", "gradient-killer"])
+def test_masked_gradients_inflate_plain_attacks_and_bpda_undoes_it(name):
+    result = audited(name)
+    s = result.summary
+    plain = s[s["attack"].isin(["fgsm", "pgd", "cw"]) & (s["eps"] == 0.1)]["robust_accuracy"]
+    assert plain.min() > 0.9  # the gradient attacks are blind ...
+    bpda = s[(s["attack"] == "pgd-bpda") & (s["eps"] == 0.1)]["robust_accuracy"].item()
+    assert bpda < 0.7  # ... BPDA is not
+    unbounded = next(c for c in result.metadata["checks"]["results"] if c["check"] == "unbounded")
+    assert unbounded["status"] == "fail" and unbounded["evidence"]["pgd_success_rate"] < 0.5
+    adaptive = [a for a in result.metadata["checks"]["adaptive"] if a["attack"] == "pgd-bpda"]
+    assert adaptive and adaptive[0]["evaluated_by"] == "transfer to the audited model"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", list(zoo.HONEST))
+def test_honest_models_fail_no_check(name, seed):
+    result = audited(name, seed)
+    assert not failed(result), [c for c in result.metadata["checks"]["results"] if c["status"] == "fail"]
+    for v in result.metadata["verdict"]:
+        assert v["reasons"] == []
+        assert v["verdict"] == (ROBUST if v["robust_accuracy"] >= 0.5 * v["clean_accuracy"] else NOT_ROBUST)
+    ran = {c["check"] for c in result.metadata["checks"]["results"] if c["status"] == "pass"}
+    assert {"gradients", "logits", "determinism", "unbounded", "eps-monotonic", "iterative-vs-single-step",
+            "margin-vs-ce", "convergence", "black-box"} <= ran
+
+
+def test_strict_runs_the_costly_checks_in_full():
+    model = zoo.plain()
+    result = robustlab.audit(model, _slice(0).head(40), attacks=("fgsm", "pgd", "cw"), eps=(0.05,), checks="strict",
+                             surrogate=zoo.pgd_trained(), progress=False)
+    assert result.metadata["checks"]["level"] == "strict"
+    black_box = next(c for c in result.metadata["checks"]["results"] if c["check"] == "black-box")
+    assert black_box["status"] == "pass"
+    assert black_box["evidence"]["probed"] == black_box["evidence"]["robust_rows"]  # every robust row, not a subset
+    assert "transfer_broken" in black_box["evidence"]
+
+
+# ---------------------------------------------------------------------------- switches, persistence, faces
+def test_checks_none_leaves_no_verdict():
+    result = robustlab.audit(zoo.plain(), _slice(0).head(20), attacks=("fgsm",), eps=(0.1,), checks="none",
+                             progress=False)
+    assert result.metadata["checks"] == {"level": "none"} and "verdict" not in result.metadata
+    assert set(result.summary["attack"]) == {"fgsm"}
+    assert gates.verdict(result) is None
+    assert "not run" in format_checks(result)
+    with pytest.raises(InputError, match="checks"):
+        robustlab.audit(zoo.plain(), _slice(0).head(20), attacks=("fgsm",), eps=(0.1,), checks="sometimes")
+
+
+def test_verdict_and_checks_survive_save_and_load_and_render_without_torch(tmp_path):
+    result = audited("quantised")
+    result.save(tmp_path / "q")
+    loaded = robustlab.load(tmp_path / "q")
+    assert loaded.metadata["verdict"] == json.loads(json.dumps(result.metadata["verdict"]))
+    assert loaded.metadata["checks"]["results"] == json.loads(json.dumps(result.metadata["checks"]["results"]))
+    assert threshold_blocked(loaded, "quantised", "linf", 0.05, "none") is not None
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any torch import now fails
+        from robustlab.reports import render, write_summary
+        html = render({str(tmp_path / 'q')!r}).read_text()
+        md = write_summary({str(tmp_path / 'q')!r}).read_text()
+        print("HTML-ESTABLISHED", "robustness not established" in html, "Loss gradients are usable" in html,
+              "Integrity checks: not run" in html)
+        print("MD-ESTABLISHED", "robustness not established" in md, "Integrity verdict" in md, "pgd-bpda" in md)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "HTML-ESTABLISHED True True False" in out and "MD-ESTABLISHED True True True" in out
+
+
+def test_gates_never_pass_where_robustness_is_not_established():
+    quantised = audited("quantised")
+    at_005 = next(v for v in quantised.metadata["verdict"] if v["eps"] == 0.05)
+    assert at_005["verdict"] == NOT_ESTABLISHED and at_005["robust_accuracy"] > 0.9
+    with pytest.raises(gates.RobustnessGateError, match="robustness not established") as caught:
+        robustlab.assert_robust(quantised, eps=0.05, min_accuracy=0.1)
+    assert "integrity checks:" in str(caught.value) and "gradients" in str(caught.value)
+    # a per-attack gate on a figure the adaptive attacks showed inflated fails too
+    distilled = audited("distilled")
+    pgd = distilled.robust_accuracy(attack="pgd", eps=0.1)
+    with pytest.raises(gates.RobustnessGateError, match="inflated"):
+        robustlab.assert_robust(distilled, attack="pgd", eps=0.1, min_accuracy=min(pgd, 0.3))
+    # an honest model passes where its verdict is robust
+    plain = audited("plain")
+    assert threshold_blocked(plain, "plain", "linf", 0.05, "none") is None
+    robustlab.assert_robust(plain, eps=0.05, min_accuracy=0.5)
+    assert gates.verdict(plain, eps=0.05) == ROBUST
+
+
+def test_format_checks_names_each_failed_check_with_evidence_and_next_step():
+    text = format_checks(audited("gradient-killer"))
+    assert "Integrity checks (default):" in text
+    assert "gradient-killer  linf eps=0.05 (untargeted): ROBUSTNESS NOT ESTABLISHED" in text \
+        or "gradient-killer  linf eps=0.05 (untargeted): NOT ROBUST" in text
+    assert "FAILED gradients" in text and "evidence: " in text and "next: Attack with BPDA" in text

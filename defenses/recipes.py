@@ -185,7 +185,10 @@ def save_models(models: dict[str, nn.Module], directory: str | os.PathLike, *, b
             (staging / f"{name}.json").write_text(json.dumps(about, indent=2, default=str) + "\n")
             written.append(target / f"{name}.safetensors")
         target.mkdir(parents=True, exist_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
         for item in staging.iterdir():
+            os.chmod(item, 0o666 & ~umask)  # safetensors writes owner-only files; these are results to share
             os.replace(item, target / item.name)
     finally:
         for item in staging.glob("*"):

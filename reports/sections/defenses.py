@@ -53,8 +53,8 @@ def render(result: AuditResult) -> str:
         for e in eps_list:
             v = robust.get(e)
             ref = base_robust.get(e) if d else None
-            cells.append(cell(_with_delta(v, ref), sort="" if v is None else v, style=heat(v) if v is not None else "",
-                              raw=True))
+            cells.append(cell(_with_delta(v, ref) + _verdict_mark(result, model, e), sort="" if v is None else v,
+                              style=heat(v) if v is not None else "", raw=True))
         cells.append(cell(_how_audited(result, model, d), cls="l"))
         rows.append("<tr>" + "".join(cells) + "</tr>")
         if d and base is not None and eps_list:
@@ -68,6 +68,17 @@ def render(result: AuditResult) -> str:
         html += "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>"
     html += _training(built)
     return html
+
+
+def _verdict_mark(result: AuditResult, model: str, eps: float) -> str:
+    """A warning under a figure the integrity checks do not back (robustness not established)."""
+    from robustlab.integrity import NOT_ESTABLISHED, find
+
+    entry = find(result.metadata, model, None, eps, "none")
+    if entry is None or entry.get("verdict") != NOT_ESTABLISHED:
+        return ""
+    reasons = ", ".join(entry.get("reasons") or [])
+    return f'<br><span class="down">not established ({esc(reasons)})</span>'
 
 
 def describe(d: dict) -> str:

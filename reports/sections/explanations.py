@@ -43,27 +43,42 @@ def _saliency(result: AuditResult, info: dict) -> str:
     summary = result.tables.get("explain_saliency_summary")
     if summary is None or summary.empty:
         return ""
-    rows = []
+    rows, flags = [], []
     for _, r in summary.iterrows():
         flagged = r.get("flagged")
         flag = "" if not isinstance(flagged, str) or not flagged else flagged
+        if flag:
+            flags.append(f"{r['model']}, {_key_label(r['key'])}: {flag}")
         rows.append("<tr>" + "".join([
-            cell(r["model"], cls="l"), cell(_key_label(r["key"]), cls="l"), cell(r.get("method", ""), cls="l"),
+            cell(r["model"], cls="l"), cell(_key_label(r["key"]), cls="l"),
             cell(facts.pct(r.get("fooled_share"))), cell(_num(r.get("spearman_median")), sort=_v(r.get("spearman_median"))),
             cell(_num(r.get("topk_median")), sort=_v(r.get("topk_median"))),
             cell(_num(r.get("completeness_error_median"), ".2g")),
             cell(_num(r.get("sensitivity_max_median"), ".3g")), cell(_num(r.get("infidelity_median"), ".3g")),
-            cell(flag or "–", cls="l bad" if flag else "l")]) + "</tr>")
-    html = "<h3>Saliency: how far the attribution moved</h3>"
-    html += table(["model", "inputs", "method", "fooled", "Spearman (median)", "top-10% overlap", "completeness error",
-                   "sensitivity max", "infidelity", "flag"], rows, sortable=True, text=3)
-    html += ('<p class="note"><b>Spearman</b>: rank correlation between the clean and the adversarial map (|attribution|), '
-             '1 = unchanged. <b>top-10% overlap</b>: share of the most important features both maps share. '
-             '<b>completeness error</b>: |sum of attributions − (f(x) − f(baseline))| relative; a method whose '
-             'completeness fails on this model is flagged and its maps should not be trusted. <b>sensitivity max</b> '
+            cell(_short_flag(flag), cls="l bad" if flag else "l")]) + "</tr>")
+    methods = ", ".join(dict.fromkeys(str(m) for m in summary.get("method", pd.Series(dtype=str)).dropna()))
+    html = f"<h3>Saliency ({esc(methods.replace('_', ' '))}): how far the attribution moved</h3>"
+    html += table(["model", "inputs", "fooled", "Spearman", "top-10%", "completeness err.", "sensitivity", "infidelity",
+                   "flag"], rows, sortable=True, text=2, cls="compact")
+    if flags:
+        html += '<ul class="checks">' + "".join(f'<li class="bad">{esc(f)}</li>' for f in flags) + "</ul>"
+    html += ('<p class="note">Medians over the explained samples. <b>Spearman</b>: rank correlation between the clean and the adversarial map (|attribution|), '
+             '1 = unchanged. <b>top-10%</b>: share of the most important features both maps share. '
+             '<b>completeness err.</b>: |sum of attributions − (f(x) − f(baseline))| relative; a method whose '
+             'completeness fails on this model is flagged and its maps should not be trusted. <b>sensitivity</b> (max) '
              'and <b>infidelity</b> (captum.metrics): how much the explanation changes under small noise, and how '
              'well it predicts the output change (lower is better for both).</p>')
     return html + _maps(result, "saliency", "Integrated-gradients maps of the true class")
+
+
+def _short_flag(flag: str) -> str:
+    """'...completeness fails on this model for 24% of samples...' -> 'completeness fails (24%)'."""
+    if not flag:
+        return "–"
+    import re
+
+    share = re.search(r"for (\d+(?:\.\d+)?%) of samples", flag)
+    return "completeness fails" + (f" ({share.group(1)})" if share else "") if "completeness" in flag else "flagged"
 
 
 def _maps(result: AuditResult, kind: str, caption: str) -> str:
@@ -138,7 +153,7 @@ def _sanity(result: AuditResult) -> str:
             cell(verdict, cls="l " + ("ok" if verdict.startswith("reflects") else "bad"))]) + "</tr>")
     return ("<h3>Sanity check: do the maps depend on the model?</h3>"
             + table(["model", "method", "layers randomised", "Spearman vs trained", "SSIM vs trained", "verdict"],
-                    rows, text=2)
+                    rows, text=2, cls="compact")
             + '<p class="note">Cascading parameter randomisation (Adebayo et al. 2018): layers are re-initialised from '
               'the output down and the maps recomputed. A method whose maps stay similar (Spearman on the informative '
               'region) does not reflect what the model learned.</p>')
@@ -167,7 +182,7 @@ def _shap(result: AuditResult, info: dict) -> str:
         rows.append("<tr>" + "".join([cell(model, cls="l"), cell(_key_label(key), cls="l"),
                                       cell(_num(rho)), cell(features, cls="l")]) + "</tr>")
     html += table(["model", "inputs", "Spearman clean vs adv", "most changed features (mean change of the true "
-                   "class's SHAP)"], rows, text=2)
+                   "class's SHAP)"], rows, text=2, cls="compact")
     return html + _maps(result, "shap", "SHAP values of the true class")
 
 
@@ -199,7 +214,7 @@ def _probes(result: AuditResult) -> str:
             rows.append("<tr>" + "".join(cells) + "</tr>")
         headers = ["layer", "dim", "label probe", "control task", "selectivity",
                    *[f"{_key_label(k)}: accuracy · AUC" for k in keys]]
-        html += f"<h4>{esc(model)}</h4>" + table(headers, rows, text=1)
+        html += f"<h4>{esc(model)}</h4>" + table(headers, rows, text=1, cls="compact")
     html += ('<p class="note"><b>label probe</b>: held-out accuracy of a logistic regression predicting the label from '
              'the layer; <b>control task</b>: the same probe on random labels tied to input clusters (Hewitt and Liang '
              '2019); <b>selectivity</b> = label − control. Per attack: <b>accuracy</b> of the clean-trained probe on '
@@ -224,8 +239,6 @@ def _skipped(info: dict) -> str:
             continue
         for stage, why in (i.get("skipped") or {}).items():
             items.append(f"<li>{esc(model)}: {esc(stage)} not run: {esc(why)}</li>")
-        for flag in i.get("flags") or []:
-            items.append(f'<li class="bad">{esc(model)}: {esc(flag)}</li>')
     return f"<h3>Notes</h3><ul>{''.join(items)}</ul>" if items else ""
 
 

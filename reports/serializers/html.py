@@ -101,6 +101,7 @@ code, .mono { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, "Dej
 .checks { margin: 6px 0 0; padding: 0; list-style: none; font-size: 13px; }
 .checks li { margin: 3px 0; overflow-wrap: anywhere; }
 .ok { color: var(--pass); font-weight: 700; } .bad { color: var(--fail); font-weight: 700; }
+table.compact td.l, table.compact th { white-space: nowrap; }
 .up { color: var(--pass); font-size: 12px; } .down { color: var(--fail); font-size: 12px; }
 .integrity { margin-top: 10px; font-size: 13px; padding: 6px 10px; border-radius: 6px; background: var(--warn-bg); color: #5c4300; }
 .scroll { overflow-x: auto; }

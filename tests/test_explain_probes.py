@@ -94,10 +94,11 @@ def test_label_probes_beat_the_control_task_at_every_layer(trained_report):
 
 
 def test_detectability_of_pgd(pgd_digits, trained_report):
-    """Clean vs PGD eps=0.1 activations: a linear probe sees the perturbation near the input
-    (AUC ~0.99) and in the last convolutional representation (features.4: ~0.9), but hardly in the
-    logits (~0.57: the attack lowers the margin, which is not linear in the logits). The last-layer
-    number is checked against a plain scikit-learn logistic regression on the same split."""
+    """Clean vs PGD eps=0.1 activations: the detection probe sees the perturbation near the input
+    (AUC ~0.99), in the last convolutional representation (features.4: ~0.9) and in the logits,
+    where it needs the sorted activations (the attack lowers the margin, which is not linear in the
+    raw logits: ~0.57 without them). The last-layer number is checked against a plain scikit-learn
+    logistic regression on the same split and the same features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
@@ -109,13 +110,21 @@ def test_detectability_of_pgd(pgd_digits, trained_report):
     with torch.no_grad():
         clean, adv = mut(x).double().numpy(), mut(outcome.x_adv).double().numpy()
     train, test = trained_report.split["train"], trained_report.split["test"]
-    features = np.concatenate([clean, adv])
+    raw = np.concatenate([clean, adv])
+    ordered = -np.sort(-raw, axis=1)
     target = np.r_[np.zeros(N), np.ones(N)]
     tr, te = np.r_[train, train + N], np.r_[test, test + N]
-    scaler = StandardScaler().fit(features[tr])
-    reference = LogisticRegression(max_iter=200).fit(scaler.transform(features[tr]), target[tr])
-    auc = roc_auc_score(target[te], reference.decision_function(scaler.transform(features[te])))
+    a, b = StandardScaler().fit(raw[tr]), StandardScaler().fit(ordered[tr])
+
+    def features(rows):
+        return np.hstack([a.transform(raw[rows]), b.transform(ordered[rows])])
+
+    reference = LogisticRegression(max_iter=200).fit(features(tr), target[tr])
+    auc = roc_auc_score(target[te], reference.decision_function(features(te)))
     assert abs(frame.loc["classifier.3", "detect_auc"] - auc) < 1e-6
+    assert auc > 0.8  # well above chance at the last layer
+    linear_only = LogisticRegression(max_iter=200).fit(a.transform(raw[tr]), target[tr])
+    assert roc_auc_score(target[te], linear_only.decision_function(a.transform(raw[te]))) < auc - 0.2
 
 
 def test_clean_probes_on_adversarial_activations_and_crossing(pgd_digits, trained_report):

@@ -144,27 +144,6 @@ def test_l2_finds_adversarials_pgd_finds(digits_module, digits_mut, digits_corre
     assert square < noise - 0.3
 
 
-def test_not_weaker_than_art_square(digits_module, digits_mut, digits_correct):
-    """An independent implementation (ART 1.20's SquareAttack) at the same budget and p_init."""
-    pytest.importorskip("art")
-    from art.attacks.evasion import SquareAttack
-    from art.estimators.classification import PyTorchClassifier
-    import numpy as np
-
-    x, y = digits_correct.x[:40], digits_correct.y[:40]
-    classifier = PyTorchClassifier(model=digits_module, loss=nn.CrossEntropyLoss(), input_shape=(1, 8, 8),
-                                   nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
-    np.random.seed(0)
-    art_adv = SquareAttack(classifier, norm=np.inf, eps=0.1, max_iter=149, p_init=0.05, batch_size=40,
-                           verbose=False).generate(x=x.numpy(), y=y.numpy())
-    art_adv = torch.from_numpy(art_adv)
-    assert float((art_adv - x).abs().max()) <= 0.1 + 1e-6
-    art = robust_accuracy(digits_module, art_adv, y)
-    ours = robust_accuracy(digits_module, Square(eps=0.1, queries=150, p_init=0.05)(digits_mut, x, y).x_adv, y)
-    print(f"\nLinf 0.1, 150 queries: robust accuracy robustlab Square {ours:.3f}, ART SquareAttack {art:.3f}")
-    assert ours <= art + 0.04
-
-
 def test_works_without_gradients_where_pgd_fails(digits_module, digits_correct):
     x, y = digits_correct.x[:60], digits_correct.y[:60]
     masked = ModelUnderTest(Front(ZeroGradient, digits_module).eval(), bounds=(0, 1))

@@ -388,6 +388,17 @@ def _run(model: ModelUnderTest, x: Tensor, target: Tensor, ids: Tensor, method: 
                        options={k: v for k, v in opts.items() if not isinstance(v, Tensor)})
 
 
+def _checked_call(model, method, options: Mapping[str, object], seed, batch_size):
+    """The arguments every entry point shares, validated before any work."""
+    model = check_model(model)
+    method = check_method(method)
+    opts = method_options(method, options)
+    seed = check_seed(seed)
+    if batch_size is not None:
+        batch_size = positive_int("batch_size", batch_size)
+    return model, method, opts, seed, batch_size
+
+
 def attribute(model: ModelUnderTest, x: Tensor, target: Tensor, *, method: str = "integrated_gradients",
               seed: int = 0, batch_size: int | None = None, sample_ids: Tensor | None = None,
               **options) -> Attribution:
@@ -403,12 +414,7 @@ def attribute(model: ModelUnderTest, x: Tensor, target: Tensor, *, method: str =
           baselines=None, perturbations_per_eval=16
       deeplift: baselines=None, completeness_tol=1e-2
     """
-    model = check_model(model)
-    method = check_method(method)
-    opts = method_options(method, options)
-    seed = check_seed(seed)
-    if batch_size is not None:
-        batch_size = positive_int("batch_size", batch_size)
+    model, method, opts, seed, batch_size = _checked_call(model, method, options, seed, batch_size)
     x = check_inputs(model, x, "x")
     target = check_labels("target", target, len(x), model.num_classes)
     ids = check_sample_ids(sample_ids, len(x))
@@ -539,12 +545,7 @@ def saliency_report(model: ModelUnderTest, x_clean: Tensor, y: Tensor, adversari
     **options: the method's options (see `attribute`), e.g. n_steps=100.
     """
     started = time.perf_counter()
-    model = check_model(model)
-    method = check_method(method)
-    opts = method_options(method, options)
-    seed = check_seed(seed)
-    if batch_size is not None:
-        batch_size = positive_int("batch_size", batch_size)
+    model, method, opts, seed, batch_size = _checked_call(model, method, options, seed, batch_size)
     if robustness_on not in ("clean", "all"):
         raise InputError("robustness_on", f"expected 'clean' or 'all', got {robustness_on!r}")
     radius = _check_fraction("sensitivity_radius", sensitivity_radius) * model.bounds.width()

@@ -124,6 +124,21 @@ def test_bad_inputs_are_refused_before_training(train):
         distill(model, train, temperature=0.5, epochs=1)
 
 
+def test_fast_at_and_trades_buy_robustness(train, test, baseline):
+    """Fast FGSM-AT (Wong et al. 2020) and TRADES (Zhang et al. 2019), 20 epochs at eps 0.2 (seed 0): measured
+    worst-case robust accuracy 43.5% and 54.0% against 0.5% undefended (200 samples), clean 98.0% / 95.5%."""
+    models = {"plain": baseline}
+    for method, steps in (("fast", 1), ("trades", 5)):
+        models[method] = adversarial_training(seeded_init(DigitsCNN, 0), train, method=method, eps=EPS, steps=steps,
+                                              epochs=20, seed=0)
+    result = audit(models, test, attacks=["fgsm", "pgd"], eps=EPS, n=N_TEST, checks="none", progress=False)
+    plain = _row(result, "plain", "worst-case")
+    for method in ("fast", "trades"):
+        row = _row(result, method, "worst-case")
+        assert row.robust_accuracy - plain.robust_accuracy >= 0.30, (method, plain.robust_accuracy, row.robust_accuracy)
+        assert plain.clean_accuracy - row.clean_accuracy <= 0.05, (method, plain.clean_accuracy, row.clean_accuracy)
+
+
 @pytest.mark.parametrize("method", ["fast", "trades"])
 def test_fast_and_trades_train_and_leave_no_parameter_grads_from_the_attack(method, train):
     small = Dataset(train.x[:128], train.y[:128], "small")

@@ -1,8 +1,8 @@
 """The audit's explanation stage: saliency, SHAP and probes on clean and adversarial inputs.
 
 The harness hands over, per model, the correctly classified samples it attacked and, for each
-budget, the adversarial inputs of the strongest bounded attack (PGD when it ran) on those same
-samples. This module picks the samples each method runs on, calls `robustlab.explain`, and returns
+budget, the adversarial inputs of PGD (or the first attack when PGD did not run) on those same
+samples: untargeted, or, when the audit ran targeted modes only, the first mode's first target. This module picks the samples each method runs on, calls `robustlab.explain`, and returns
 tidy frames (one per kind, with a `model` column) plus the few maps the report draws.
 
 Samples: saliency and SHAP explain the first `n_explain` (default 100) attacked samples; probes

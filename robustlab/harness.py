@@ -371,6 +371,7 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
     examples: dict[str, np.ndarray] = {f"sample|{mut.name}": ids[shown].numpy(), f"clean|{mut.name}": x[shown].numpy()}
     states: dict[str, _ModeState] = {}
     explain_attack = _explained_attack(plan) if plan.explain else None
+    explain_mode = "none" if "none" in plan.modes else plan.modes[0]  # untargeted, else the first mode's first target
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # "attack|eps" -> adversarial inputs to explain
     keep_count = _explained_count(plan, x)
 
@@ -386,7 +387,7 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
                 record["note"] = note
             summaries.append(record)
             examples[example_key(mut.name, record["attack"], eps, mode)] = _adversarial_examples(per_set[0], x, shown)
-            if (eps is not None and mode == "none" and record["attack"] == explain_attack
+            if (eps is not None and mode == explain_mode and record["attack"] == explain_attack
                     and per_set[0][0] is not None):
                 outcome = per_set[0][0]
                 kept[f"{record['attack']}|{eps:g}"] = (outcome.x_adv[:keep_count], outcome.adv_pred[:keep_count])

@@ -53,15 +53,10 @@ def plan(ctx: ModelContext, results: list[CheckResult]) -> tuple[list[Extra], li
             notes.append({"model": ctx.mut.name, "attack": "pgd-bpda", "check": "gradients", "reason": blocked})
             square_eps.update(ctx.eps)
     if "determinism" in names:
-        try:
-            attack = PGD(norm=ctx.norm, steps=steps, loss="margin", eot_samples=EOT_SAMPLES)  # type: ignore[call-arg]
-            extras.append(Extra(label="pgd-eot", attack=attack, check="determinism",
-                                reason=f"random forward pass: PGD with the gradient averaged over {EOT_SAMPLES} "
-                                       "passes (EoT)"))
-        except TypeError:
-            notes.append({"model": ctx.mut.name, "attack": "pgd-eot", "check": "determinism",
-                          "reason": "PGD has no eot_samples option in this version"})
-            square_eps.update(ctx.eps)
+        extras.append(Extra(label="pgd-eot", attack=PGD(norm=ctx.norm, steps=steps, loss="margin",
+                                                         eot_samples=EOT_SAMPLES),
+                            check="determinism",
+                            reason=f"random forward pass: PGD with the gradient averaged over {EOT_SAMPLES} passes (EoT)"))
     for r in failed:
         if r.check == "black-box":
             for source in r.evidence.get("failed_by", []):
@@ -85,16 +80,11 @@ def plan(ctx: ModelContext, results: list[CheckResult]) -> tuple[list[Extra], li
             merged.setdefault(e.label, e)
     extras = list(merged.values())
     if square_eps:
-        square = square_attack(ctx, 0.0, SQUARE_QUERIES["strict"])
-        if square is None:
-            notes.append({"model": ctx.mut.name, "attack": "square", "check": None,
-                          "reason": "the Square attack (robustlab.attacks.square) is not available"})
-        else:
-            why = sorted(names & {"black-box", "gradients", "determinism", "unbounded", "iterative-vs-single-step",
-                                  "eps-monotonic"})
-            extras.append(Extra(label="square", attack=square.replace(eps=None), check=", ".join(why), source=ctx.mut,
-                                eps=sorted(square_eps),
-                                reason="a score-based attack, which needs no gradient, after: " + ", ".join(why)))
+        why = sorted(names & {"black-box", "gradients", "determinism", "unbounded", "iterative-vs-single-step",
+                              "eps-monotonic"})
+        extras.append(Extra(label="square", attack=square_attack(ctx, 0.0, SQUARE_QUERIES["strict"]).replace(eps=None),
+                            check=", ".join(why), source=ctx.mut, eps=sorted(square_eps),
+                            reason="a score-based attack, which needs no gradient, after: " + ", ".join(why)))
     return extras, notes
 
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from robustlab.attacks import Attack, PGD
+from robustlab.attacks import PGD, Attack, Square
 from robustlab.attacks.base import transfer
 
 from .base import CheckResult, ModeEvidence, ModelContext
@@ -89,11 +89,7 @@ def convergence(ctx: ModelContext, ev: ModeEvidence, eps: float, labels: list[st
                        **base)
 
 
-def square_attack(ctx: ModelContext, eps: float, queries: int) -> Attack | None:
-    try:
-        from robustlab.attacks.square import Square
-    except ImportError:
-        return None
+def square_attack(ctx: ModelContext, eps: float, queries: int) -> Square:
     return Square(norm=ctx.norm, eps=eps, queries=queries, loss="margin")
 
 
@@ -104,16 +100,13 @@ def black_box(ctx: ModelContext, ev: ModeEvidence, eps: float, labels: list[str]
     if not attacks_failed(ctx, ev, eps, labels):
         return CheckResult(status="skipped", reason="the attacks already broke the model at this eps", **base)
     square = square_attack(ctx, eps, SQUARE_QUERIES.get(ctx.level, 300))
-    if square is None:
-        return CheckResult(status="skipped", reason="the Square attack (robustlab.attacks.square) is not available",
-                           **base)
     rows, total = _rows(ctx, ev, eps, labels, PROBE_SAMPLES.get(ctx.level), STREAM["black-box"])
     m = sum(len(i) for _, i in rows)
     b = probe(ctx, ev, eps, square, rows, source=ctx.mut, via_transfer=False) if m else 0
     failed, evidence = _judge(b, m, total, len(ctx.y))
     evidence = {"square_" + k if k in ("broken", "estimated_drop", "drop_lower_99", "drop_upper_99") else k: v
                 for k, v in evidence.items()}
-    evidence["square_queries"] = square.queries  # type: ignore[attr-defined]
+    evidence["square_queries"] = square.queries
     failed_by = ["square"] if failed else []
     if ctx.level == "strict":
         if ctx.surrogate is None:

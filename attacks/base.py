@@ -76,6 +76,11 @@ class Attack:
     norm: str = "linf"
     eps: float | None = None
 
+    @property
+    def label(self) -> str:
+        """The attack's name in results rows (subclasses add what tells configurations apart)."""
+        return self.name
+
     def replace(self, **changes) -> "Attack":
         return dataclasses.replace(self, **changes)
 

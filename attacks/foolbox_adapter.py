@@ -54,6 +54,10 @@ class FoolboxAttack(Attack):
             raise InputError("attack", f"foolbox has no attack named {self.attack_class!r}")
         return cls
 
+    @property
+    def label(self) -> str:
+        return f"foolbox:{self.attack_class}"
+
     def native_norm(self) -> str | None:
         """'linf' or 'l2' from the foolbox attack's distance, if it has one."""
         distance = getattr(self._foolbox_class()(**self.options), "distance", None)

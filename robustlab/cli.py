@@ -161,7 +161,13 @@ def _defense_options(p: argparse.ArgumentParser, *, default: str | None) -> None
 
 def _attack_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attacks")
-    g.add_argument("--attack", default="fgsm,pgd,cw", help="comma-separated: fgsm, pgd, cw, foolbox:NAME")
+    g.add_argument("--attack", default="fgsm,pgd,cw",
+                   help="comma-separated: fgsm, pgd, cw, apgd-ce, apgd-t, square, foolbox:NAME (reported beside "
+                        "the --suite)")
+    g.add_argument("--suite", default="standard", choices=("standard", "quick", "none"),
+                   help="attack cascade run on every sample beside --attack; its row joins the worst case "
+                        "(default: standard = APGD-CE, APGD-T, Square-5000 as in AutoAttack; quick = APGD-CE and "
+                        "APGD-T with fewer iterations, for CI; only the standard suite can establish robustness)")
     g.add_argument("--eps", default="0.05,0.1,0.2", help="comma-separated budgets; fractions allowed (8/255)")
     g.add_argument("--norm", default="linf", choices=("linf", "l2"))
     g.add_argument("--targeted", default="none", help="none, random, least-likely, next, all, or a class label")
@@ -241,7 +247,7 @@ def _audit(args: argparse.Namespace) -> int:
     data = load_data(args.data, trust_pickle=args.trust_pickle)
     options = dict(attacks=attacks, eps=eps, norm=args.norm, targeted=args.targeted, steps=args.steps,
                    restarts=args.restarts, loss=args.loss, seed=args.seed, n=args.n, device=device,
-                   batch_size=args.batch_size, checks=args.checks, explain=args.explain)
+                   batch_size=args.batch_size, checks=args.checks, explain=args.explain, suite=args.suite)
     defense_plan = _defense_plan(args, eps)
     if defense_plan is not None:
         check_audit(model, data, **options)  # every audit option checked before hours of training

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from robustlab import targets as targeting
-from robustlab.attacks import Attack, AttackOutcome, get_attack, restrict
+from robustlab.attacks import SUITES, Attack, AttackOutcome, Cascade, get_attack, restrict
 from robustlab.attacks.base import check_eps_fits, transfer, validate_inputs, validate_labels
 from robustlab.batching import BatchRunner
 from robustlab.data import Dataset, load_data
@@ -35,6 +35,7 @@ from robustlab.results import SUMMARY_COLUMNS, WORST_CASE, AuditResult, example_
 from robustlab.threat import Bounds, get_norm
 
 DEFAULT_ATTACKS = ("fgsm", "pgd", "cw")
+DEFAULT_SUITE = "standard"  # the cascade that runs beside the attacks (robustlab.attacks.cascade)
 DEFAULT_EPS = (0.05, 0.1, 0.2)
 TRANSFER_NOTE = "transfer from surrogate"
 
@@ -57,6 +58,7 @@ class _Plan:
     checks: str = "default"
     surrogate: Any = None  # a user-given surrogate module for the strict transfer check
     explain: list[str] = field(default_factory=list)  # explanation stages (robustlab.explaining)
+    suite: str = DEFAULT_SUITE  # the cascade run beside the attacks, or "none"
 
 
 def audit(
@@ -84,6 +86,7 @@ def audit(
     checks: str = "default",
     surrogate: Any = None,
     explain: str | Sequence[str] | None = None,
+    suite: str = DEFAULT_SUITE,
 ) -> AuditResult:
     """Attack `model` on `data` and return verified, tidy results.
 
@@ -92,8 +95,13 @@ def audit(
         to models given as plain modules.
     data: "digits" (default), an .npz path, "module:function", (x, y) arrays, a Dataset or
         DataLoader. `n` keeps the first n samples.
-    attacks: names ("fgsm", "pgd", "cw", "foolbox:<Name>") or configured `Attack` objects; eps
-        is set by the audit. `steps`/`restarts`/`loss` override PGD's (steps also CW's).
+    attacks: names ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "square", "foolbox:<Name>") or
+        configured `Attack` objects; eps is set by the audit. `steps`/`restarts`/`loss` override
+        PGD's (steps also CW's).
+    suite: the attack cascade run beside `attacks` (robustlab.attacks.cascade): "standard" (default:
+        APGD-CE, APGD-T, Square-5000, Croce & Hein 2020), "quick" (APGD-CE and APGD-T with fewer
+        iterations, for CI), or "none". Its row ("cascade" / "cascade-quick") joins the worst case;
+        only an audit with the standard suite can call a model robust.
     targeted: "none", "random", "least-likely", "next", "all", a class, or a list of those.
     checks: integrity checks after each model's attacks (robustlab.integrity): "default" (the cheap
         ones, +<=50% time), "strict" (also the costly ones in full, and transfer from `surrogate`), or
@@ -112,7 +120,7 @@ def audit(
     plan = _plan(model, data, attacks=attacks, eps=eps, norm=norm, targeted=targeted, steps=steps,
                  restarts=restarts, loss=loss, seed=seed, n=n, device=device, batch_size=batch_size, bounds=bounds,
                  mean=mean, std=std, name=name, classes=classes, output=output, checks=checks, surrogate=surrogate,
-                 explain=explain)
+                 explain=explain, suite=suite)
     summaries: list[dict] = []
     check_results: list[dict] = []
     adaptive: list[dict] = []
@@ -140,7 +148,7 @@ def audit(
                          {"attacks": [a if isinstance(a, str) else a.config() for a in attacks], "eps": plan.eps,
                           "norm": plan.norm, "targeted": plan.modes, "steps": steps, "restarts": restarts,
                           "loss": loss, "seed": seed, "n": n, "device": str(device), "batch_size": batch_size,
-                          "checks": plan.checks})
+                          "checks": plan.checks, "suite": plan.suite})
     if plan.checks == "none":
         metadata["checks"] = {"level": "none"}
     else:
@@ -192,9 +200,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, seed, n, device, batch_size, bounds,
-          mean, std, name, classes, output, checks="default", surrogate=None, explain=None) -> _Plan:
+          mean, std, name, classes, output, checks="default", surrogate=None, explain=None,
+          suite=DEFAULT_SUITE) -> _Plan:
     from robustlab.explaining import parse_stages
 
+    if not isinstance(suite, str) or suite.strip().lower() not in SUITES + ("none",):
+        raise InputError("suite", f"expected one of {', '.join(SUITES + ('none',))}, got {suite!r}")
+    suite = suite.strip().lower()
     stages = parse_stages(explain)
     if not isinstance(checks, str) or checks.strip().lower() not in LEVELS:
         raise InputError("checks", f"expected one of {', '.join(LEVELS)}, got {checks!r}")
@@ -218,9 +230,11 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
     wrap_options = dict(bounds=bounds, mean=mean, std=std, classes=classes or dataset.classes, output=output)
     models = _models(model, name, wrap_options, dev)
     built = [_build_attack(a, geometry.name, steps=steps, restarts=restarts, loss=loss) for a in attacks]
+    if suite != "none" and not any(isinstance(a, Cascade) for a in built):
+        built.append(Cascade(norm=geometry.name, suite=suite))
     if not built:
         raise InputError("attacks", "give at least one attack")
-    names = [a.name if not hasattr(a, "attack_class") else f"foolbox:{a.attack_class}" for a in built]
+    names = [a.label for a in built]
     if len(set(names)) != len(names):
         raise InputError("attacks", f"each attack may appear once, got {names}")
     first = next(iter(models.values()))
@@ -247,7 +261,7 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
         raise InputError("model", f"models audited together must have the same classes; got class counts {sorted(shapes)}")
     return _Plan(models=models, data=dataset, attacks=built, eps=eps_list, norm=geometry.name, modes=modes,
                  seed=int(seed), batch_size=batch_size, device=dev, checks=checks, surrogate=surrogate,
-                 explain=stages)
+                 explain=stages, suite=suite)
 
 
 def _models(model, name, wrap_options, device) -> dict[str, ModelUnderTest]:
@@ -273,6 +287,9 @@ def _wrap(value, name, options, device: torch.device | None) -> ModelUnderTest:
     return ModelUnderTest(value, name=name, device=device, **options)
 
 
+NORM_FOLLOWS_AUDIT = ("fgsm", "pgd", "apgd-ce", "apgd-t", "square", "cascade")  # CW is L2-minimal; foolbox native
+
+
 def _build_attack(spec: str | Attack, norm: str, *, steps, restarts, loss) -> Attack:
     if isinstance(spec, Attack):
         attack = spec
@@ -284,13 +301,15 @@ def _build_attack(spec: str | Attack, norm: str, *, steps, restarts, loss) -> At
     else:
         raise InputError("attacks", f"expected attack names or Attack objects, got {type(spec).__name__}")
     changes: dict[str, Any] = {}
-    if attack.name in ("fgsm", "pgd") and attack.norm != norm:
+    if attack.name in NORM_FOLLOWS_AUDIT and attack.norm != norm:
         changes["norm"] = norm
-    if steps is not None and hasattr(attack, "steps"):
+    # --steps/--restarts/--loss are PGD's options (steps also CW's); APGD's schedule and APGD-T's
+    # DLR loss are part of what makes them strong, so they keep their own.
+    if steps is not None and attack.name in ("pgd", "cw"):
         changes["steps"] = steps
-    if restarts is not None and hasattr(attack, "restarts"):
+    if restarts is not None and attack.name == "pgd":
         changes["restarts"] = restarts
-    if loss is not None and hasattr(attack, "loss"):
+    if loss is not None and attack.name in ("fgsm", "pgd"):
         changes["loss"] = loss
     return attack.replace(**changes) if changes else attack
 
@@ -433,7 +452,7 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
 
 def _explained_attack(plan: _Plan) -> str | None:
     """The attack whose adversarial inputs are explained: PGD when it ran, else the first one run."""
-    names = [a.name if not hasattr(a, "attack_class") else f"foolbox:{a.attack_class}" for a in plan.attacks]
+    names = [a.label for a in plan.attacks]
     return "pgd" if "pgd" in names else (names[0] if names else None)
 
 
@@ -519,7 +538,7 @@ def _run_attack(attack: Attack, mut, plan: _Plan, x, y, ids, clean_correct, targ
     extra: an attack asked for by the integrity checks (its own source model and eps list)."""
     sets = target_sets or [None]
     masks = [clean_correct if s is None else (clean_correct & s.valid) for s in sets]
-    label = label or (attack.name if not hasattr(attack, "attack_class") else f"foolbox:{attack.attack_class}")
+    label = label or (attack.label)
     if extra is not None and extra.source is not None:
         source, via_surrogate = extra.source, extra.transfer
     else:
@@ -571,7 +590,7 @@ def _summarise(model_name, attack, norm, eps, mode, per_set, x, y, clean_pred, c
                calls, rows, ids, label: str | None = None):
     """Rows for one (attack, eps, mode) and its summary record. Robust is per (target set, sample)."""
     n = len(y)
-    label = label or (attack.name if not hasattr(attack, "attack_class") else f"foolbox:{attack.attack_class}")
+    label = label or (attack.label)
     # Budgeted rows are in the audit's norm; an unbounded run is in the attack's own (CW: L2).
     row_norm = norm if eps is not None else attack.geometry.name
     robust_sets, attacked_sets, success_sets, l2_sets, linf_sets = [], [], [], [], []

@@ -49,7 +49,7 @@ MARKER_DEFAULTS: dict[str, Any] = {
 }
 # Further keyword arguments check()/audit() pass straight to robustlab.audit.
 AUDIT_OPTIONS = ("attacks", "seed", "bounds", "mean", "std", "classes", "output", "batch_size", "loss", "checks",
-                 "explain")
+                 "explain", "suite")
 # --robustlab-quick: caps (a smaller value from the marker or the call is kept).
 QUICK = {"n": 64, "pgd_steps": 10, "cw_steps": 20, "cw_binary_search_steps": 3}
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -588,6 +588,8 @@ def _audit_kwargs(config: dict) -> dict:
         from robustlab.attacks import Attack, get_attack
 
         kwargs["n"] = QUICK["n"] if config["n"] is None else min(int(config["n"]), QUICK["n"])
+        if kwargs.get("suite", "standard") == "standard":
+            kwargs["suite"] = "quick"  # the quick cascade (robustlab.attacks.cascade); verdicts say it is weaker
         steps = config["steps"]
         capped = []
         for spec in attacks:

@@ -32,7 +32,7 @@ def demo_like(directory: Path, checks: str = "none") -> Path:
     """The demo's audit (FGSM, PGD, CW at Linf 0.05, 0.1, 0.2), untargeted and targeted 'next', on 60 samples.
 
     checks: the integrity-check level ("none" by default: the browser test reads the 'not run' card)."""
-    result = robustlab.audit(trained(), digits_split("test").head(60), attacks=("fgsm", "pgd", "cw"),
+    result = robustlab.audit(trained(), digits_split("test").head(60), attacks=("fgsm", "pgd", "cw"), suite="none",
                              eps=(0.05, 0.1, 0.2), steps=5, targeted=["none", "next"], progress=False, checks=checks)
     result.save(directory)
     return directory
@@ -41,7 +41,7 @@ def demo_like(directory: Path, checks: str = "none") -> Path:
 def hostile(directory: Path) -> Path:
     """A run whose model and class names are markup: the report must show them as text."""
     classes = [XSS[i % 2] + f" {i}" for i in range(10)]
-    result = robustlab.audit(trained(), digits_split("test").head(20), attacks=("fgsm", "cw"), eps=(0.1,), steps=3,
+    result = robustlab.audit(trained(), digits_split("test").head(20), attacks=("fgsm", "cw"), suite="none", eps=(0.1,), steps=3,
                              targeted=["none", "next"], name=XSS[0] + XSS[1], classes=classes, progress=False)
     result.metadata["config"]["note"] = XSS[1]
     result.save(directory)

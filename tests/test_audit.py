@@ -14,7 +14,7 @@ from robustlab.errors import InputError
 from robustlab.results import SAMPLE_COLUMNS, SUMMARY_COLUMNS
 from support import Softmaxed, digits_model, digits_test
 
-FAST = dict(attacks=("fgsm", "pgd", "cw"), eps=(0.05, 0.15), steps=5)
+FAST = dict(attacks=("fgsm", "pgd", "cw"), suite="none", eps=(0.05, 0.15), steps=5)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_perturbations_stay_in_budget(result):
 
 
 def test_seeded_runs_are_identical_and_batch_size_does_not_matter():
-    kwargs = dict(attacks=("pgd", "cw"), eps=(0.1,), steps=5, seed=3)
+    kwargs = dict(attacks=("pgd", "cw"), suite="none", eps=(0.1,), steps=5, seed=3)
     a = robustlab.audit(digits_model(), digits_test(40), **kwargs)
     b = robustlab.audit(digits_model(), digits_test(40), batch_size=7, **kwargs)
     c = robustlab.audit(digits_model(), digits_test(40), **kwargs)
@@ -89,7 +89,7 @@ def test_seeded_runs_are_identical_and_batch_size_does_not_matter():
 
 @pytest.mark.parametrize("mode", ["next", "random", "least-likely"])
 def test_targeted_modes(mode):
-    r = robustlab.audit(digits_model(), digits_test(40), attacks=("pgd",), eps=(0.2,), steps=10, targeted=mode)
+    r = robustlab.audit(digits_model(), digits_test(40), attacks=("pgd",), suite="none", eps=(0.2,), steps=10, targeted=mode)
     s = r.samples
     assert (s["targeted"] == mode).all()
     assert (s["target"] != s["label"]).all()
@@ -101,7 +101,7 @@ def test_targeted_modes(mode):
 
 
 def test_targeted_all_and_fixed_label():
-    r = robustlab.audit(digits_model(), digits_test(20), attacks=("fgsm",), eps=(0.1,), targeted=["all", "3"])
+    r = robustlab.audit(digits_model(), digits_test(20), attacks=("fgsm",), suite="none", eps=(0.1,), targeted=["all", "3"])
     s = r.samples[r.samples["attack"] == "fgsm"]  # the integrity checks add pgd-margin rows
     every = s[s["targeted"] == "all"]
     assert len(every) == 20 * 9
@@ -116,7 +116,7 @@ def test_targeted_all_and_fixed_label():
 
 def test_several_models_side_by_side():
     r = robustlab.audit({"a": digits_model(), "b": robustlab.ModelUnderTest(digits_model())}, digits_test(20),
-                        attacks=("fgsm",), eps=(0.1,))
+                        attacks=("fgsm",), suite="none", eps=(0.1,))
     assert set(r.summary["model"]) == {"a", "b"} and set(r.samples["model"]) == {"a", "b"}
 
 
@@ -145,7 +145,7 @@ def test_save_refuses_foreign_directory_and_leaves_nothing(result, tmp_path):
     (dict(eps=(-0.1,)), "eps"),
     (dict(eps=(float("nan"),)), "eps"),
     (dict(eps=(8,)), "8/255"),
-    (dict(attacks=("deepfool",)), "unknown attack"),
+    (dict(attacks=("deepfool",), suite="none"), "unknown attack"),
     (dict(norm="l3"), "unknown norm"),
     (dict(targeted="sideways"), "unknown mode"),
     (dict(targeted=12), "out of range"),
@@ -179,7 +179,7 @@ def test_chance_level_model_is_flagged():
     from robustlab.zoo import DigitsCNN
 
     with pytest.warns(RobustlabWarning, match="chance level"):
-        robustlab.audit(DigitsCNN().eval(), digits_test(40), attacks=("fgsm",), eps=(0.1,))
+        robustlab.audit(DigitsCNN().eval(), digits_test(40), attacks=("fgsm",), suite="none", eps=(0.1,))
 
 
 def test_examples_hold_verified_adversarial_inputs(result, tmp_path):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def explained(digits_module, digits_test, tmp_path_factory):
-    result = audit({"cnn": digits_module}, digits_test, attacks=["fgsm", "pgd"], eps=[0.05, 0.2], n=80,
+    result = audit({"cnn": digits_module}, digits_test, attacks=["fgsm", "pgd"], suite="none", eps=[0.05, 0.2], n=80,
                    explain="saliency,shap,probes", checks="none", progress=False)
     out = tmp_path_factory.mktemp("explained") / "r"
     result.save(out)
@@ -58,7 +58,7 @@ def test_saved_tables_and_maps_round_trip_and_render(explained):
 
 def test_vote_ensemble_gets_probes_only(digits_module, digits_test):
     vote = ensemble([digits_module, digits_module], "vote", example_input=digits_test.x[:2])
-    result = audit({"vote": vote}, digits_test, attacks=["fgsm"], eps=0.1, n=60, explain="all", checks="none",
+    result = audit({"vote": vote}, digits_test, attacks=["fgsm"], suite="none", eps=0.1, n=60, explain="all", checks="none",
                    progress=False)
     info = result.metadata["explain"]["vote"]
     assert set(info["skipped"]) == {"saliency", "shap"} and "transfer" in info["skipped"]["saliency"]

@@ -14,7 +14,7 @@ import torch
 from robustlab.cli import main
 from support import Softmaxed, digits_model, digits_test
 
-QUICK = ["--attack", "fgsm,pgd", "--eps", "0.05,0.1", "--steps", "5", "--n", "30", "--quiet"]
+QUICK = ["--attack", "fgsm,pgd", "--suite", "none", "--eps", "0.05,0.1", "--steps", "5", "--n", "30", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,9 @@ def test_demo_writes_results_and_prints_table(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "worst-case" in printed and "eps=0.05" in printed and "eps=0.2" in printed
     summary = json.loads((out / "results.json").read_text())["summary"]
-    # pgd-margin: the integrity checks' margin-loss PGD, always run with checks on
-    assert {r["attack"] for r in summary} == {"fgsm", "pgd", "cw", "pgd-margin", "worst-case"}
+    # pgd-margin: the integrity checks' margin-loss PGD, always run with checks on; cascade: the
+    # standard suite every audit runs by default
+    assert {r["attack"] for r in summary} == {"fgsm", "pgd", "cw", "cascade", "pgd-margin", "worst-case"}
     assert {r["eps"] for r in summary if r["eps"] is not None} == {0.05, 0.1, 0.2}
     cached = tmp_path / "cache" / "digits-cnn-v2.safetensors"
     first = json.loads((out / "results.json").read_text())["metadata"]["models"]["digits-cnn"]["sha256"]

@@ -12,7 +12,7 @@ from robustlab.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ZOO = str(Path(__file__).parent / "integrity_zoo.py")
-ARGS = ["--attack", "fgsm,pgd", "--eps", "0.05", "--n", "80", "--quiet", "--fail-under", "robust_accuracy=0.5@0.05"]
+ARGS = ["--attack", "fgsm,pgd", "--suite", "none", "--eps", "0.05", "--n", "80", "--quiet", "--fail-under", "robust_accuracy=0.5@0.05"]
 
 
 def test_gradient_killer_threshold_cannot_pass(tmp_path, capsys):

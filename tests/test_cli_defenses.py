@@ -19,7 +19,7 @@ from support import digits_model, digits_test
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = ["--attack", "fgsm,pgd", "--eps", "0.1,0.2", "--steps", "5", "--n", "40", "--quiet",
+FAST = ["--attack", "fgsm,pgd", "--suite", "none", "--eps", "0.1,0.2", "--steps", "5", "--n", "40", "--quiet",
         "--defend-epochs", "2", "--train-data", "digits:train"]
 
 

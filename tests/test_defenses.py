@@ -43,7 +43,7 @@ def test_pgd_adversarial_training_raises_worst_case_robust_accuracy(train, test,
     defended = adversarial_training(seeded_init(DigitsCNN, 0), train, method="pgd", eps=EPS, steps=7,
                                     epochs=30, lr=3e-3, seed=0)
     assert not defended.training
-    result = audit({"plain": baseline, "pgd-at": defended}, test, attacks=["fgsm", "pgd"], eps=EPS, n=N_TEST,
+    result = audit({"plain": baseline, "pgd-at": defended}, test, attacks=["fgsm", "pgd"], suite="none", eps=EPS, n=N_TEST,
                    progress=False)
     plain, at = _row(result, "plain", "worst-case"), _row(result, "pgd-at", "worst-case")
     assert at.robust_accuracy - plain.robust_accuracy >= 0.40, (plain.robust_accuracy, at.robust_accuracy)
@@ -53,9 +53,9 @@ def test_pgd_adversarial_training_raises_worst_case_robust_accuracy(train, test,
 def test_distillation_inflates_ce_robustness_but_not_margin_or_cw(train, test, baseline):
     distilled = distill(baseline, train, temperature=20.0, epochs=15, lr=3e-3, seed=0)
     assert distilled.distillation["temperature"] == 20.0
-    ce = audit({"plain": baseline, "distilled": distilled}, test, attacks=["pgd"], eps=EPS, n=N_TEST, loss="ce",
+    ce = audit({"plain": baseline, "distilled": distilled}, test, attacks=["pgd"], suite="none", eps=EPS, n=N_TEST, loss="ce",
                progress=False)
-    strong = audit({"plain": baseline, "distilled": distilled}, test, attacks=["pgd", "cw"], eps=EPS, n=N_TEST,
+    strong = audit({"plain": baseline, "distilled": distilled}, test, attacks=["pgd", "cw"], suite="none", eps=EPS, n=N_TEST,
                    loss="margin", progress=False)
     ce_plain, ce_distilled = _row(ce, "plain", "pgd").robust_accuracy, _row(ce, "distilled", "pgd").robust_accuracy
     # Saturated softmax: cross-entropy PGD's gradients vanish and it reports robustness that is not there.
@@ -91,7 +91,7 @@ def test_ensembles_white_box_and_transfer(members, test):
     assert float(outcome.linf.max()) <= EPS * (1 + 1e-6)
     assert outcome.success_rate > 0.5
 
-    result = audit({"averaged": averaged, "vote": vote}, test, attacks=["fgsm", "pgd"], eps=EPS, n=100,
+    result = audit({"averaged": averaged, "vote": vote}, test, attacks=["fgsm", "pgd"], suite="none", eps=EPS, n=100,
                    progress=False)
     s = result.summary
     assert (s[s.model == "vote"].note == TRANSFER_NOTE).all()
@@ -131,7 +131,7 @@ def test_fast_at_and_trades_buy_robustness(train, test, baseline):
     for method, steps in (("fast", 1), ("trades", 5)):
         models[method] = adversarial_training(seeded_init(DigitsCNN, 0), train, method=method, eps=EPS, steps=steps,
                                               epochs=20, seed=0)
-    result = audit(models, test, attacks=["fgsm", "pgd"], eps=EPS, n=N_TEST, checks="none", progress=False)
+    result = audit(models, test, attacks=["fgsm", "pgd"], suite="none", eps=EPS, n=N_TEST, checks="none", progress=False)
     plain = _row(result, "plain", "worst-case")
     for method in ("fast", "trades"):
         row = _row(result, method, "worst-case")

@@ -27,6 +27,7 @@ from robustlab.model import RobustlabWarning
 from robustlab.integrity import (NOT_ESTABLISHED, NOT_ROBUST, ROBUST, compute_verdicts, format_checks,
                                  threshold_blocked)
 from robustlab.integrity.base import ModeEvidence
+from robustlab.integrity.verdict import SUITE_REASON, failed_checks
 from robustlab.integrity.comparisons import eps_monotonic
 from robustlab.integrity.stats import sign_test_p, wilson
 import integrity_zoo as zoo
@@ -50,7 +51,7 @@ def audited(name: str, seed: int = 0, checks: str = "default"):
     options = dict(output="probs") if name == "softmax" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RobustlabWarning)  # random-noise: "forward pass is not deterministic"
-        return robustlab.audit(builder(), _slice(seed), attacks=("fgsm", "pgd", "cw"), eps=EPS, seed=seed, name=name,
+        return robustlab.audit(builder(), _slice(seed), attacks=("fgsm", "pgd", "cw"), suite="none", eps=EPS, seed=seed, name=name,
                                checks=checks, progress=False, **options)
 
 
@@ -95,8 +96,11 @@ def test_eps_monotonic_fires_when_robust_accuracy_rises_with_eps():
                              "clean_accuracy": 0.9, "robust_accuracy": r} for e, r in ((0.1, 0.5), (0.2, 0.8))])
     verdicts = compute_verdicts(summary, [rising.to_dict()], norm="linf")
     assert [v["verdict"] for v in verdicts] == [NOT_ESTABLISHED, NOT_ESTABLISHED]
-    assert verdicts[0]["reasons"] == ["eps-monotonic"]
-    assert [v["verdict"] for v in compute_verdicts(summary, [], norm="linf")] == [ROBUST, ROBUST]
+    assert verdicts[0]["reasons"] == ["eps-monotonic", SUITE_REASON]
+    # with the standard cascade's row and no failed check: robust
+    with_suite = pd.concat([summary, summary.assign(attack="cascade")], ignore_index=True)
+    assert [v["verdict"] for v in compute_verdicts(with_suite, [], norm="linf")] == [ROBUST, ROBUST]
+    assert [v["reasons"] for v in compute_verdicts(with_suite, [rising.to_dict()], norm="linf")][0] == ["eps-monotonic"]
     summary.loc[0, "robust_accuracy"] = 0.44  # < 0.5 x 0.9: broken
     assert compute_verdicts(summary, [rising.to_dict()], norm="linf")[0]["verdict"] == NOT_ROBUST
 
@@ -149,16 +153,34 @@ def test_honest_models_fail_no_check(name, seed):
     result = audited(name, seed)
     assert not failed(result), [c for c in result.metadata["checks"]["results"] if c["status"] == "fail"]
     for v in result.metadata["verdict"]:
-        assert v["reasons"] == []
-        assert v["verdict"] == (ROBUST if v["robust_accuracy"] >= 0.5 * v["clean_accuracy"] else NOT_ROBUST)
+        assert failed_checks(v) == []
+        # suite="none" (to keep this fast): where the attacks failed, the verdict can only be "not
+        # established" for the weaker suite; test_standard_suite_can_call_an_honest_model_robust covers ROBUST.
+        attacks_failed = v["robust_accuracy"] >= 0.5 * v["clean_accuracy"]
+        assert v["verdict"] == (NOT_ESTABLISHED if attacks_failed else NOT_ROBUST)
+        assert v["reasons"] == ([SUITE_REASON] if attacks_failed else [])
     ran = {c["check"] for c in result.metadata["checks"]["results"] if c["status"] == "pass"}
     assert {"gradients", "logits", "determinism", "unbounded", "eps-monotonic", "iterative-vs-single-step",
             "margin-vs-ce", "convergence", "black-box"} <= ran
 
 
+def test_standard_suite_can_call_an_honest_model_robust():
+    """"robust" needs the standard cascade at that threat model; the same audit without it cannot say it."""
+    data = _slice(0).head(30)
+    kwargs = dict(attacks=("fgsm", "pgd"), eps=(0.05,), progress=False, name="pgd-trained")
+    standard = robustlab.audit(zoo.pgd_trained(), data, suite="standard", **kwargs)
+    [v] = standard.metadata["verdict"]
+    assert "cascade" in v["attacks"] and v["verdict"] == ROBUST, v
+    weaker = robustlab.audit(zoo.pgd_trained(), data, suite="quick", **kwargs)
+    [w] = weaker.metadata["verdict"]
+    assert w["verdict"] == NOT_ESTABLISHED and w["reasons"] == [SUITE_REASON]
+    # the weaker suite's figure may still be gated (it is an upper bound), and the verdict says why
+    robustlab.assert_robust(weaker, eps=0.05, min_accuracy=0.1)
+
+
 def test_strict_runs_the_costly_checks_in_full():
     model = zoo.plain()
-    result = robustlab.audit(model, _slice(0).head(40), attacks=("fgsm", "pgd", "cw"), eps=(0.05,), checks="strict",
+    result = robustlab.audit(model, _slice(0).head(40), attacks=("fgsm", "pgd", "cw"), suite="none", eps=(0.05,), checks="strict",
                              surrogate=zoo.pgd_trained(), progress=False)
     assert result.metadata["checks"]["level"] == "strict"
     black_box = next(c for c in result.metadata["checks"]["results"] if c["check"] == "black-box")
@@ -169,14 +191,14 @@ def test_strict_runs_the_costly_checks_in_full():
 
 # ---------------------------------------------------------------------------- switches, persistence, faces
 def test_checks_none_leaves_no_verdict():
-    result = robustlab.audit(zoo.plain(), _slice(0).head(20), attacks=("fgsm",), eps=(0.1,), checks="none",
+    result = robustlab.audit(zoo.plain(), _slice(0).head(20), attacks=("fgsm",), suite="none", eps=(0.1,), checks="none",
                              progress=False)
     assert result.metadata["checks"] == {"level": "none"} and "verdict" not in result.metadata
     assert set(result.summary["attack"]) == {"fgsm"}
     assert gates.verdict(result) is None
     assert "not run" in format_checks(result)
     with pytest.raises(InputError, match="checks"):
-        robustlab.audit(zoo.plain(), _slice(0).head(20), attacks=("fgsm",), eps=(0.1,), checks="sometimes")
+        robustlab.audit(zoo.plain(), _slice(0).head(20), attacks=("fgsm",), suite="none", eps=(0.1,), checks="sometimes")
 
 
 def test_verdict_and_checks_survive_save_and_load_and_render_without_torch(tmp_path):
@@ -212,11 +234,12 @@ def test_gates_never_pass_where_robustness_is_not_established():
     pgd = distilled.robust_accuracy(attack="pgd", eps=0.1)
     with pytest.raises(gates.RobustnessGateError, match="inflated"):
         robustlab.assert_robust(distilled, attack="pgd", eps=0.1, min_accuracy=min(pgd, 0.3))
-    # an honest model passes where its verdict is robust
+    # an honest model passes where no check failed (its only reason: the weaker suite of this fast audit)
     plain = audited("plain")
     assert threshold_blocked(plain, "plain", "linf", 0.05, "none") is None
     robustlab.assert_robust(plain, eps=0.05, min_accuracy=0.5)
-    assert gates.verdict(plain, eps=0.05) == ROBUST
+    assert gates.verdict(plain, eps=0.05) == f"eps=0.05: {NOT_ESTABLISHED} ({SUITE_REASON})"
+    assert [v["reasons"] for v in plain.metadata["verdict"] if v["eps"] == 0.05] == [[SUITE_REASON]]
 
 
 def test_format_checks_names_each_failed_check_with_evidence_and_next_step():

@@ -98,7 +98,7 @@ def assets(tmp_path_factory) -> dict:
         net = train_classifier(seeded_init(lambda: linear_classifier(64, 10), 0), digits_split("train"), epochs=5,
                                seed=0)
         test = digits_split("test").head(100)
-        robustlab.audit(net, test.head(8), attacks=["fgsm", "pgd", "cw"], eps=0.05, steps=2,
+        robustlab.audit(net, test.head(8), attacks=["fgsm", "pgd", "cw"], suite="none", eps=0.05, steps=2,
                         targeted=["none", "next"], progress=False)
     finally:
         torch.set_num_threads(threads)
@@ -275,7 +275,7 @@ def test_report_files_session_json_and_markdown(project, monkeypatch):
 import robustlab as rl
 
 def test_explicit(robustlab, model, data):
-    result = robustlab.audit(model, data, attacks=["fgsm", "pgd"], eps=[0.01, 0.05], steps=5, name="linear")
+    result = robustlab.audit(model, data, attacks=["fgsm", "pgd"], suite="none", eps=[0.01, 0.05], steps=5, name="linear")
     saved = rl.load(robustlab.settings.report / "test_gate.py__test_explicit")
     assert len(saved.summary) == len(result.summary) == 8  # (fgsm, pgd, pgd-margin, worst-case) x 2 eps
     robustlab.assert_robust(result, attack="worst-case", eps=0.05, min_accuracy=0.3)
@@ -311,7 +311,7 @@ def test_explicit(robustlab, model, data):
 def test_regression_against_a_saved_baseline(project):
     project.makepyfile(test_gate=PASSING + """
 def test_audit_only(robustlab, model, data):
-    robustlab.audit(model, data, attacks=["pgd"], eps=0.05, steps=5, name="linear")
+    robustlab.audit(model, data, attacks=["pgd"], suite="none", eps=0.05, steps=5, name="linear")
 """)
     saved = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-save-baseline", "baseline.json")
     saved.assert_outcomes(passed=2)
@@ -371,14 +371,15 @@ def test_ini_options_and_command_line_override(project):
         def test_gate(robustlab, model, more_data):
             result = robustlab.check(model, more_data)
             print("SEED", result.metadata["seed"], "QUICK", robustlab.settings.quick, "N", int(result.summary["n"][0]))
-            print("CONFIGS", sorted((c["attack"], c["steps"]) for c in result.metadata["attack_configs"]))
+            print("CONFIGS", sorted((c["attack"], c["steps"]) for c in result.metadata["attack_configs"] if "steps" in c))
+            print("SUITE", result.metadata["config"]["suite"])
             print("SEARCH", [c["binary_search_steps"] for c in result.metadata["attack_configs"] if c["attack"] == "cw"])
     """)
     run = project.runpytest_inprocess("-p", "no:cacheprovider", "-s")
     run.assert_outcomes(passed=1)
     run.stdout.fnmatch_lines([f"*SEED 7 QUICK True N {QUICK['n']}",
                               f"CONFIGS [('cw', {QUICK['cw_steps']}), ('pgd', {QUICK['pgd_steps']})]",
-                              f"SEARCH [{QUICK['cw_binary_search_steps']}]",
+                              "SUITE quick", f"SEARCH [{QUICK['cw_binary_search_steps']}]",
                               "*test_gate.py::test_gate * linear * worst-case * linf 0.05 *PASS",
                               "1 gates, 0 failed; quick mode"])
     assert (project.path / "ini-report" / "test_gate.py__test_gate" / "results.json").exists()
@@ -386,7 +387,8 @@ def test_ini_options_and_command_line_override(project):
     run = project.runpytest_inprocess("-p", "no:cacheprovider", "-s", "--robustlab-seed", "3",
                                       "--robustlab-report", "cli-report", "-o", "robustlab_quick=false")
     run.assert_outcomes(passed=1)
-    run.stdout.fnmatch_lines(["*SEED 3 QUICK False N 100", "CONFIGS [('cw', 100), ('pgd', 20)]", "SEARCH [5]"])
+    run.stdout.fnmatch_lines(["*SEED 3 QUICK False N 100", "CONFIGS [('cw', 100), ('pgd', 20)]", "SUITE standard",
+                              "SEARCH [5]"])
     session = json.loads((project.path / "cli-report" / "session.json").read_text())
     assert session["options"]["seed"] == 3 and session["options"]["quick"] is False
 

@@ -64,7 +64,8 @@ CHECKS: dict[str, tuple[str, str, str]] = {
 VERDICT_TEXT = {
     ROBUST: "the attacks failed and every applicable check passed",
     NOT_ROBUST: "the attacks (adaptive ones included) broke the model at this budget",
-    NOT_ESTABLISHED: "the attacks failed, but a check says they may be blind; do not rely on this robust accuracy",
+    NOT_ESTABLISHED: "the attacks failed, but a check says they may be blind, or the attack suite was weaker than "
+                     "the standard cascade; do not rely on this robust accuracy",
 }
 
 

@@ -7,8 +7,12 @@ adaptive ones included:
 - "not robust": the attacks broke the model, i.e. worst-case robust accuracy
   < robust_fraction x clean accuracy (default robust_fraction = 0.5: the attacks took away more
   than half of what the model got right), or robust accuracy is 0;
-- "robust": the attacks failed (the opposite) and no applicable check failed;
-- "robustness not established": the attacks failed but at least one applicable check failed.
+- "robust": the attacks failed (the opposite), no applicable check failed, and the standard attack
+  cascade (robustlab.attacks.cascade, row "cascade") ran at that threat model;
+- "robustness not established": the attacks failed but at least one applicable check failed, or
+  the attack suite was weaker than the standard cascade (reason SUITE_REASON). Only failed checks
+  block a threshold (`threshold_blocked`): a weaker suite's figure is still an upper bound that a
+  gate may compare, and the verdict says it is not established.
 A check applies to a threat model when it names the same model and its norm, eps and targeted
 mode are equal or null (null: model-wide, e.g. gradients; or every eps of a mode, e.g. eps-monotonic).
 """
@@ -25,6 +29,8 @@ from robustlab.results import WORST_CASE
 from .text import NOT_ESTABLISHED, NOT_ROBUST, ROBUST, VERDICT_TEXT
 
 ROBUST_FRACTION = 0.5
+STANDARD_SUITE_ROW = "cascade"  # the standard cascade's row label (robustlab.attacks.Cascade().label)
+SUITE_REASON = "attack suite weaker than standard"
 _EPS_TOLERANCE = 1e-9
 
 
@@ -61,9 +67,10 @@ def compute_verdicts(summary: pd.DataFrame, checks: Iterable[Mapping], *, norm: 
         required = robust_fraction * clean
         fired = sorted({str(c["check"]) for c in checks
                         if c.get("status") == "fail" and applies(c, str(model), norm, float(eps), str(targeted))})
+        weaker = STANDARD_SUITE_ROW not in set(block["attack"])
         if robust <= 0.0 or not robust >= required - 1e-12:
             verdict = NOT_ROBUST
-        elif fired:
+        elif fired or weaker:
             verdict = NOT_ESTABLISHED
         else:
             verdict = ROBUST
@@ -71,7 +78,8 @@ def compute_verdicts(summary: pd.DataFrame, checks: Iterable[Mapping], *, norm: 
                     "verdict": verdict, "robust_accuracy": robust, "clean_accuracy": clean,
                     "robust_fraction": robust_fraction, "attacks_failed": verdict != NOT_ROBUST,
                     "attacks": [a for a in dict.fromkeys(block["attack"]) if a != WORST_CASE],
-                    "reasons": fired, "meaning": VERDICT_TEXT[verdict]})
+                    "reasons": fired + ([SUITE_REASON] if weaker and verdict != NOT_ROBUST else []),
+                    "meaning": VERDICT_TEXT[verdict]})
     return out
 
 
@@ -105,6 +113,11 @@ def find(metadata: Mapping | None, model: str, norm: str | None, eps: float | No
     return None
 
 
+def failed_checks(entry: Mapping) -> list[str]:
+    """The failed checks behind a verdict (its reasons less the weaker-suite note): what blocks a threshold."""
+    return [str(r) for r in entry.get("reasons") or [] if r != SUITE_REASON]
+
+
 def threshold_blocked(result: Any, model: str, norm: str | None, eps: float | None,
                       targeted: str = "none") -> str | None:
     """Why a robustness threshold on this threat model must not pass, or None.
@@ -115,7 +128,10 @@ def threshold_blocked(result: Any, model: str, norm: str | None, eps: float | No
     entry = find(getattr(result, "metadata", result), model, norm, eps, targeted)
     if entry is None or entry.get("verdict") != NOT_ESTABLISHED:
         return None
-    reasons = ", ".join(entry.get("reasons") or []) or "a check"
+    failed = failed_checks(entry)
+    if not failed and entry.get("reasons"):
+        return None  # only the suite was weaker: the figure is an upper bound, and the verdict says so
+    reasons = ", ".join(failed) or "a check"
     return (f"robustness not established for {model!r} at {entry.get('norm')} eps={float(entry['eps']):g} "
             f"({'untargeted' if str(targeted) == 'none' else 'targeted: ' + str(targeted)}): failed checks: "
             f"{reasons}; the attacks may be blind, so no robustness threshold can pass")

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_USAGE = 0, 1, 2
 THRESHOLD_METRICS = ("robust_accuracy", "clean_accuracy", "median_l2", "median_linf")
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.add_argument("--retrain", action="store_true", help="retrain the demo model instead of using the cache")
     demo.add_argument("--quiet", action="store_true", help="no progress messages")
+    _suite_option(demo)
     _integrity_options(demo, explain_default="all")
     _defense_options(demo, default=DEMO_DEFENSES)
 
@@ -164,10 +165,7 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attack", default="fgsm,pgd,cw",
                    help="comma-separated: fgsm, pgd, cw, apgd-ce, apgd-t, square, foolbox:NAME (reported beside "
                         "the --suite)")
-    g.add_argument("--suite", default="standard", choices=("standard", "quick", "none"),
-                   help="attack cascade run on every sample beside --attack; its row joins the worst case "
-                        "(default: standard = APGD-CE, APGD-T, Square-5000 as in AutoAttack; quick = APGD-CE and "
-                        "APGD-T with fewer iterations, for CI; only the standard suite can establish robustness)")
+    _suite_option(g)
     g.add_argument("--eps", default="0.05,0.1,0.2", help="comma-separated budgets; fractions allowed (8/255)")
     g.add_argument("--norm", default="linf", choices=("linf", "l2"))
     g.add_argument("--targeted", default="none", help="none, random, least-likely, next, all, or a class label")
@@ -181,6 +179,13 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast) on a CUDA device")
     g.add_argument("--quiet", action="store_true", help="no progress messages")
     _integrity_options(p, explain_default=None)
+
+
+def _suite_option(g: Any) -> None:
+    g.add_argument("--suite", default="standard", choices=("standard", "quick", "none"),
+                   help="attack cascade run on every sample beside --attack; its row joins the worst case "
+                        "(default: standard = APGD-CE, APGD-T, Square-5000 as in AutoAttack; quick = APGD-CE and "
+                        "APGD-T with fewer iterations, for CI; only the standard suite can establish robustness)")
 
 
 def _integrity_options(p: argparse.ArgumentParser, *, explain_default: str | None) -> None:
@@ -281,7 +286,8 @@ def _demo(args: argparse.Namespace) -> int:
     defense_plan = _defense_plan(args, list(eps))
     models, defended = _with_defenses(model, defense_plan, args)
     result = audit(models, digits_split("test"), attacks=("fgsm", "pgd", "cw"), eps=eps, seed=args.seed,
-                   n=args.n, device=device, progress=not args.quiet, checks=args.checks, explain=args.explain)
+                   n=args.n, device=device, progress=not args.quiet, checks=args.checks, explain=args.explain,
+                   suite=args.suite)
     return _finish(result, args.out, [], defended=defended, base=model, base_spec="robustlab.zoo:digits_cnn")
 
 

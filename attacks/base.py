@@ -4,7 +4,9 @@
 on the model's device, then, for every batch:
 1. `contain`s the output exactly inside the eps ball and the bounds,
 2. re-checks containment and raises `VerificationError` on any violation (a bug, never a row),
-3. decides success by a fresh forward pass on exactly the tensor it returns.
+3. decides success by a fresh forward pass on exactly the tensor it returns; for an attack run
+   with EoT (`eot_samples` > 1, a randomised model) by the expected prediction over
+   EOT_VERIFY_DRAWS fresh passes (see `finalize`).
 Subclasses only implement `_perturb`, which may be as naive as the paper's pseudo-code.
 """
 
@@ -22,9 +24,14 @@ import torch
 from robustlab.batching import BatchRunner
 from robustlab.errors import InputError
 from robustlab.model import ModelUnderTest
-from robustlab.threat import Norm, check_contained, contain, get_norm
+from robustlab.threat import Norm, check_contained, contain, expand_per_sample, get_norm
 
+from .gradient import draw_logits
 from .losses import succeeded
+
+# Fresh forward passes that verify an attack run with EoT: one draw of a randomised model says
+# little (an iterate at the expected decision boundary fools about half of them).
+EOT_VERIFY_DRAWS = 100
 
 
 @dataclass
@@ -40,6 +47,9 @@ class AttackOutcome:
     """Verified result of one attack on n samples (all tensors on the CPU).
 
     success: untargeted, the prediction differs from the label; targeted, it equals the target.
+    Verified with several draws (EoT attacks), the prediction is the expected one (argmax of the
+    mean softmax) and success_probability the fraction of those draws the attack fooled; with
+    one pass it is success as 0.0 / 1.0 (None in outcomes assembled elsewhere).
     Norms are those of the returned perturbation x_adv - x, measured in float64.
     """
 
@@ -56,6 +66,7 @@ class AttackOutcome:
     gradient_calls: int
     seconds: float
     batch_size: int
+    success_probability: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -64,6 +75,13 @@ class AttackOutcome:
     @property
     def success_rate(self) -> float:
         return float(self.success.double().mean()) if self.n else float("nan")
+
+    @property
+    def expected_success_rate(self) -> float:
+        """Mean per-sample success probability (a randomised model's expected success rate)."""
+        if self.success_probability is None:
+            return self.success_rate
+        return float(self.success_probability.double().mean()) if self.n else float("nan")
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,11 @@ class Attack:
     @property
     def geometry(self) -> Norm:
         return get_norm(self.norm)
+
+    @property
+    def verification_draws(self) -> int:
+        """Forward passes that verify each output: EOT_VERIFY_DRAWS when run with EoT, else 1."""
+        return EOT_VERIFY_DRAWS if getattr(self, "eot_samples", 1) > 1 else 1
 
     # ---------------------------------------------------------------- contract
     def __call__(
@@ -141,7 +164,7 @@ class Attack:
         eps_t = None if eps is None else torch.full((len(x),), eps, dtype=torch.float64, device=model.device)
         result = self._perturb(model, x, y, targets, ids, eps, seed)
         return finalize(model, x, y, targets, result.x_adv.detach(), eps_t, self.geometry,
-                        attack=self.name, gradient_calls=result.gradient_calls)
+                        attack=self.name, gradient_calls=result.gradient_calls, draws=self.verification_draws)
 
     def _perturb(self, model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
                  sample_ids: torch.Tensor, eps: float | None, seed: int) -> Perturbed:
@@ -150,21 +173,28 @@ class Attack:
 
 def finalize(model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
              x_adv: torch.Tensor, eps: torch.Tensor | None, norm: Norm, *, attack: str,
-             gradient_calls: torch.Tensor | int) -> dict:
-    """Contain, verify and re-check one batch. Returns CPU tensors for packaging."""
+             gradient_calls: torch.Tensor | int, draws: int = 1) -> dict:
+    """Contain, verify and re-check one batch. Returns CPU tensors for packaging.
+
+    draws > 1 (randomised models): the prediction is the expected one, the argmax of the mean
+    softmax over `draws` fresh passes (it decides success, like one pass does for a deterministic
+    model), and success_probability the fraction of the draws that were fooled.
+    """
     x_adv = contain(x, x_adv.to(x.dtype), eps, norm, model.bounds)
     check_contained(x, x_adv, eps, norm, model.bounds, attack=attack)
-    with torch.no_grad():
-        logits = model(x_adv)
-    probs = torch.softmax(logits.double(), dim=1)
+    logits = draw_logits(model, x_adv, draws)
+    probs = torch.softmax(logits.double(), dim=2).mean(0)
     confidence, pred = probs.max(dim=1)
-    success = succeeded(logits, y, targets)
+    k = len(logits)
+    fooled = succeeded(logits.reshape(k * len(x), -1), y.repeat(k), None if targets is None else targets.repeat(k))
+    success = fooled if k == 1 else succeeded(probs, y, targets)
     delta = x_adv.double() - x.double()
     return {
         "x_adv": x_adv.cpu(),
         "adv_pred": pred.cpu(),
         "adv_confidence": confidence.cpu(),
         "success": success.cpu(),
+        "success_probability": fooled.reshape(k, len(x)).double().mean(0).cpu(),
         "l2": delta.reshape(len(x), -1).norm(dim=1).cpu(),
         "linf": delta.reshape(len(x), -1).abs().amax(dim=1).cpu() if delta.numel() else torch.zeros(len(x)),
         "gradient_calls": int(gradient_calls) if not isinstance(gradient_calls, torch.Tensor) else int(gradient_calls.sum()),
@@ -181,7 +211,8 @@ def _concat(attack: str, norm: str, eps: float | None, parts: list[dict], target
         success=cat("success").bool(), l2=cat("l2"), linf=cat("linf"),
         targets=None if targets is None else targets.cpu(),
         gradient_calls=sum(p["gradient_calls"] for p in parts) if gradient_calls is None else gradient_calls,
-        seconds=seconds, batch_size=batch_size)
+        seconds=seconds, batch_size=batch_size,
+        success_probability=cat("success_probability").double() if all("success_probability" in p for p in parts) else None)
 
 
 def restrict(outcome: AttackOutcome, model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor,
@@ -196,8 +227,12 @@ def restrict(outcome: AttackOutcome, model: ModelUnderTest, x: torch.Tensor, y: 
     geometry = get_norm(norm)
 
     def projected(xb: torch.Tensor, a: int, b: int, eps_t: torch.Tensor) -> torch.Tensor:
-        delta = model.to_device(outcome.x_adv[a:b]) - xb
-        return xb + geometry.project(delta, eps_t.to(xb.dtype))
+        # Where the perturbation fits it is kept bit for bit (xb + (x_adv - xb) rounds in float16 /
+        # bfloat16, which can undo a minimal success); elsewhere projected in float64, then cast.
+        adv = model.to_device(outcome.x_adv[a:b])
+        delta = adv.double() - xb.double()
+        fits = expand_per_sample(geometry.measure(delta) <= eps_t, xb)
+        return torch.where(fits, adv, (xb.double() + geometry.project(delta, eps_t)).to(xb.dtype))
 
     return _recheck(outcome, model, x, y, float(eps), geometry, projected, label=f"{outcome.attack}@{eps:g}",
                     batch_size=batch_size)

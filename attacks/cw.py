@@ -12,6 +12,12 @@ Differences from a naive port, for correctness: the optional abort-early test is
 results do not depend on which samples share a batch; off by default, see `abort_early`), and a sample that never succeeds is returned as its
 clean input with success False: a failure is reported as a failure. The smallest perturbation
 found is what `robustlab.attacks.restrict` projects onto each eps ball for bounded evaluations.
+
+Half-precision models (float16, bfloat16): w, Adam's state and the distances are kept in float32
+and the margin is taken on the logits widened to float32; only the forward pass runs in the
+model's dtype, on the input cast to it, and that cast input is what is ranked and returned (in
+float16, 1 - 1e-6 rounded to 1, so atanh sent every pixel on the bounds to -inf and stuck it
+there, and Adam's 1e-8 flushed to 0: CW found almost nothing).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import ClassVar
 import torch
 
 from robustlab.errors import InputError
-from robustlab.threat import expand_per_sample, flat
+from robustlab.threat import LOW_PRECISION, expand_per_sample, flat, working_dtype
 
 from .base import Attack, Perturbed
 from .losses import best_other, class_logit
@@ -60,6 +66,7 @@ class CW(Attack):
 
     def _perturb(self, model, x, y, targets, sample_ids, eps, seed) -> Perturbed:
         n = len(x)
+        x_model, x = x, x.to(working_dtype(x.dtype))  # optimise in >= float32; evaluate in the model's dtype
         low, high = model.bounds.tensors(x)
         span = (high - low).clamp_min(torch.finfo(x.dtype).tiny)
         unit = ((x - low) / span).clamp(0, 1)
@@ -75,7 +82,7 @@ class CW(Attack):
         const = torch.full((n,), self.initial_const, dtype=torch.float64, device=x.device)
         lower = torch.zeros_like(const)
         upper = torch.full_like(const, math.inf)
-        best = x.clone()
+        best = x_model.clone()
         best_l2sq = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
         calls = torch.zeros((), dtype=torch.int64, device=x.device)
         check_every = max(1, math.ceil(self.steps / 10))
@@ -95,7 +102,10 @@ class CW(Attack):
                 delta.requires_grad_(True)
                 with torch.enable_grad():
                     x_adv = to_input(w0 + delta)
-                    logits = model(x_adv)
+                    x_eval = x_adv.to(x_model.dtype)  # the point the model sees, ranked and returned
+                    logits = model(x_eval)
+                    if logits.dtype in LOW_PRECISION:
+                        logits = logits.float()
                     if targets is None:
                         margin = class_logit(logits, cls) - best_other(logits, cls)
                     else:
@@ -104,7 +114,7 @@ class CW(Attack):
                     loss = distance + c * (margin + kappa).clamp_min(0)
                     (grad,) = torch.autograd.grad(loss.sum(), delta)
                 delta = delta.detach()
-                x_adv = x_adv.detach()
+                x_eval = x_eval.detach()
                 steps_run += 1
                 # Success of the iterate just evaluated (with confidence kappa), and best-so-far.
                 # Squared L2 in the working dtype only ranks iterates; reported norms are float64.
@@ -112,9 +122,9 @@ class CW(Attack):
                 if self.abort_early:
                     adversarial &= active
                     calls = calls + active.sum()
-                l2sq = flat(x_adv - x).square().sum(dim=1)
+                l2sq = flat(x_eval.to(x.dtype) - x).square().sum(dim=1)
                 better = adversarial & (l2sq < best_l2sq)
-                best = torch.where(expand_per_sample(better, x), x_adv, best)
+                best = torch.where(expand_per_sample(better, x), x_eval, best)
                 best_l2sq = torch.where(better, l2sq, best_l2sq)
                 found |= adversarial
                 # Adam, in place.

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-
 from robustlab.errors import InputError
+from robustlab.threat import working_dtype
 
 from .base import Attack, Perturbed
 from .gradient import expected_loss_and_gradient
@@ -33,6 +33,9 @@ class FGSM(Attack):
             raise InputError("loss", f"expected one of {', '.join(LOSSES)}, got {self.loss!r}")
 
     def _perturb(self, model, x, y, targets, sample_ids, eps, seed) -> Perturbed:
-        _, _, grad = expected_loss_and_gradient(model, x, y, targets, self.loss, self.eot_samples)
+        # The step is taken in at least float32 (a float16 / bfloat16 gradient and x + eps rounded
+        # on the model's grid); finalize casts to the model's dtype and contains the result.
+        xw = x.to(working_dtype(x.dtype))
+        _, _, grad = expected_loss_and_gradient(model, xw, y, targets, self.loss, self.eot_samples)
         step = self.geometry.steepest(grad) * eps
-        return Perturbed(model.bounds.clip(x + step), gradient_calls=len(x) * self.eot_samples)
+        return Perturbed(model.bounds.clip(xw + step), gradient_calls=len(x) * self.eot_samples)

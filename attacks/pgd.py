@@ -1,35 +1,47 @@
 """Projected Gradient Descent, Madry et al. 2018, in any norm, with restarts.
 
     for each restart:
-        x_0 = clip(x + uniform point of the eps ball)            (random start)
+        x_0 = clip(x + project_eps(uniform point of the eps ball))     (random start)
         for k in 1..steps:
-            x_k = clip(x + project_eps(x_{k-1} + alpha * steepest(grad objective(x_{k-1})) - x))
+            c_{k-1} = contain(x_{k-1})                                  (the point finalize would return)
+            x_k = clip(x + project_eps(x_{k-1} + alpha * steepest(grad objective(c_{k-1})) - x))
 
-Per sample we keep the first iterate that succeeds, over all steps and restarts; a sample that
-never succeeds returns its last iterate. The default step size alpha = 2.5 eps / steps
+The iterate x_k is kept in at least float32 (robustlab.threat.working_dtype); gradients and
+successes are taken at c_k, the iterate cast to the model's dtype and contained exactly inside
+ball and box, so a success found in the loop is the success the verification pass sees (the
+random start used to be judged outside the ball, frozen, then clamped back in by finalize where
+it no longer fooled: float16 PGD reported robust accuracy twice the truth).
+
+Per sample we keep the first (contained) iterate that succeeds, over all steps and restarts; a
+sample that never succeeds returns its last iterate. The default step size alpha = 2.5 eps / steps
 lets an iterate cross the ball from any start (Madry et al.). The loop has no host sync: success
 tracking is done with masks on the device.
 
 EoT (`eot_samples` = k > 1, Athalye et al. 2018, for models with a random forward pass): each step
-ascends the mean gradient over k forward+backward passes on the same input, and success during the
-steps is judged on the mean logits of those k passes (the model's expected prediction), so a lucky
-single draw does not freeze an iterate. The returned input is still verified by one fresh forward
-pass (attacks.base.finalize). `gradient_calls` counts all k passes. k = 1 is the plain PGD.
+ascends the mean gradient over k forward+backward passes on the same input. Nothing is frozen at
+the first success: an iterate that fools on average sits at an expected margin near 0, where a
+fresh draw fools about half the time. The loop keeps ascending the expected objective past the
+boundary and keeps, per sample, the iterate (last one included) whose k draws have the largest
+expected-prediction margin: the runner-up's mean softmax minus the label's (targeted: the target's
+minus the best other's). The outcome is verified by the expected prediction over
+`attacks.base.EOT_VERIFY_DRAWS` fresh draws (attacks.base.finalize). `gradient_calls` counts all k
+passes. k = 1 is the plain PGD.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from robustlab.errors import InputError
-from robustlab.threat import expand_per_sample
+from robustlab.threat import contain, expand_per_sample, working_dtype
 
 from .base import Attack, Perturbed
-from .gradient import expected_logits, expected_loss_and_gradient
-from .losses import LOSSES, succeeded
+from .gradient import draw_logits, draws_loss_and_gradient
+from .losses import LOSSES, best_other, class_logit, succeeded
 
 RANDOM_START_STREAM = 100  # + restart index; see robustlab.seeding
 
@@ -69,32 +81,61 @@ class PGD(Attack):
 
     def _perturb(self, model, x, y, targets, sample_ids, eps, seed) -> Perturbed:
         norm = self.geometry
-        low, high = model.bounds.tensors(x)
-        eps_t = torch.full((len(x),), eps, dtype=x.dtype, device=x.device)
+        xw = x.to(working_dtype(x.dtype))
+        low, high = model.bounds.tensors(xw)
+        eps_t = torch.full((len(x),), eps, dtype=xw.dtype, device=x.device)
+        eps64 = torch.full((len(x),), eps, dtype=torch.float64, device=x.device)
         alpha = self.alpha(eps)
+        eot = self.eot_samples > 1
         best = x.clone()
         found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        best_margin = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
 
-        def keep(candidate: torch.Tensor, logits: torch.Tensor) -> None:
-            nonlocal best, found
-            hit = succeeded(logits, y, targets)
-            best = torch.where(expand_per_sample(hit & ~found, x), candidate, best)
-            found = found | hit
+        def contained(iterate: torch.Tensor) -> torch.Tensor:
+            """The iterate as finalize would return it: model dtype, exactly inside ball and box."""
+            return contain(x, iterate.to(x.dtype), eps64, norm, model.bounds, sync=False)
+
+        def keep(point: torch.Tensor, draws: torch.Tensor) -> None:
+            nonlocal best, found, best_margin
+            if not eot:  # deterministic: the first success is final (finalize re-checks that point)
+                hit = succeeded(draws[0], y, targets)
+                best = torch.where(expand_per_sample(hit & ~found, x), point, best)
+                found = found | hit
+                return
+            margin = expected_margin(draws, y, targets)
+            better = margin > best_margin
+            best = torch.where(expand_per_sample(better, x), point, best)
+            best_margin = torch.where(better, margin, best_margin)
 
         for restart in range(self.restarts):
             if self.random_start:
                 start = norm.random_start(eps_t, sample_ids, tuple(x.shape[1:]), seed=seed,
-                                          stream=RANDOM_START_STREAM + restart, device=x.device, dtype=x.dtype)
-                x_adv = torch.minimum(torch.maximum(x + start, low), high)
+                                          stream=RANDOM_START_STREAM + restart, device=x.device, dtype=xw.dtype)
+                x_adv = torch.minimum(torch.maximum(xw + norm.project(start, eps_t), low), high)
             else:
-                x_adv = x.clone()
+                x_adv = xw.clone()
             for _ in range(self.steps):
-                logits, _, grad = expected_loss_and_gradient(model, x_adv, y, targets, self.loss, self.eot_samples)
-                keep(x_adv, logits)
-                x_adv = norm.ascend(x, x_adv, grad, alpha, eps_t, low, high)
-            if restart < self.restarts - 1:
-                keep(x_adv, expected_logits(model, x_adv, self.eot_samples))
+                point = contained(x_adv)
+                draws, _, grad = draws_loss_and_gradient(model, point.to(xw.dtype), y, targets, self.loss,
+                                                         self.eot_samples)
+                keep(point, draws)
+                x_adv = norm.ascend(xw, x_adv, grad, alpha, eps_t, low, high)
+            if eot or restart < self.restarts - 1:
+                point = contained(x_adv)
+                keep(point, draw_logits(model, point, self.eot_samples))
+        if eot:
+            return Perturbed(best, gradient_calls=len(x) * self.steps * self.restarts * self.eot_samples)
         # The last iterate needs no forward pass of its own: where nothing succeeded earlier it is
         # returned, and the verification pass (attacks.base.finalize) decides whether it fools.
-        result = torch.where(expand_per_sample(found, x), best, x_adv)
+        result = torch.where(expand_per_sample(found, x), best, contained(x_adv))
         return Perturbed(result, gradient_calls=len(x) * self.steps * self.restarts * self.eot_samples)
+
+
+def expected_margin(draws: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    """Margin of the expected prediction over draws (samples, n, classes), float64: positive
+    exactly where the argmax of the mean softmax fools (untargeted: differs from y; targeted:
+    is the target), the criterion finalize verifies randomised models by."""
+    probs = torch.softmax(draws.double(), dim=2).mean(0)
+    if targets is None:
+        return best_other(probs, y) - class_logit(probs, y)
+    return class_logit(probs, targets) - best_other(probs, targets)

@@ -28,6 +28,11 @@ piecewise-constant p schedule rescaled from 10000 iterations to `queries`. Diffe
   of C channels, more dims are flattened to (N, C, 1, prod(rest)). Windows on a 1 x W image are
   1 x s segments covering about a fraction p of the features.
 
+Every query is on a contained point (robustlab.threat.contain: exactly inside ball and box, in the
+model's dtype), the point finalize returns, so a success in the loop is the verified one; and the
+loss is computed on logits widened to float32 for half-precision models (bfloat16 logits are too
+coarse to tell most candidates apart, so the random search stalled).
+
 Success is judged by argmax (robustlab.attacks.losses.succeeded); a sample that succeeds is never
 queried again. `loss` is the objective minimised (as a negated robustlab objective): "margin"
 (the paper's untargeted loss) or "ce" (the paper's targeted loss); default "margin" for both.
@@ -47,6 +52,7 @@ import torch
 
 from robustlab import seeding
 from robustlab.errors import InputError
+from robustlab.threat import LOW_PRECISION, contain
 
 from .base import Attack, Perturbed
 from .losses import LOSSES, objective, succeeded
@@ -136,16 +142,24 @@ class _Run:
     def clip(self, v: torch.Tensor) -> torch.Tensor:
         return torch.minimum(torch.maximum(v, self.low.to(v.dtype)), self.high.to(v.dtype))
 
+    def contained(self, x: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+        """candidate exactly inside ball and box, as finalize would return it (no host sync)."""
+        shape = (-1, *self.shape[1:])
+        eps = torch.full((len(x),), float(self.eps), dtype=torch.float64, device=x.device)
+        return contain(x.reshape(shape), candidate.reshape(shape), eps, self.config.geometry, self.model.bounds,
+                       sync=False).reshape(candidate.shape)
+
     def loss(self, x: torch.Tensor, y, targets) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to minimise, success) with one forward query per row."""
         with torch.no_grad():
             logits = self.model(x.reshape(-1, *self.shape[1:]))
-        value = -objective(self.config.loss, logits, y, targets).double()
+        wide = logits.float() if logits.dtype in LOW_PRECISION else logits
+        value = -objective(self.config.loss, wide, y, targets).double()
         return value, succeeded(logits, y, targets)
 
     def attack(self, x, y, targets, ids):
         n, c, h, w = x.shape
-        best = self.clip(x + self.init(x, ids))
+        best = self.contained(x, self.clip(x + self.init(x, ids)))
         best_loss, done = self.loss(best, y, targets)
         queries = torch.ones(n, dtype=torch.int64, device=x.device)
         total = self.config.queries
@@ -157,7 +171,7 @@ class _Run:
             xa, ba = x[act], best[act]
             ya, ta, ia = y[act], None if targets is None else targets[act], ids[act]
             step = self.linf_step if self.linf else self.l2_step
-            candidate = step(xa, ba, ia, it, p)
+            candidate = self.contained(xa, step(xa, ba, ia, it, p))
             value, hit = self.loss(candidate, ya, ta)
             accepted = (value < best_loss[act]) | hit  # a success is kept even if its loss is not lower
             best[act] = torch.where(accepted.reshape(-1, 1, 1, 1), candidate, ba)
@@ -215,14 +229,14 @@ class _Run:
         mask = _window_mask(top, left, size, h, w)  # (n, 1, h, w)
         signs = self.signs(it, 1, ids, c, x)
         for attempt in range(1, LINF_SIGN_TRIES + 1):
-            trial = torch.where(mask, self.clip(x + signs * self.eps), best)
+            trial = torch.where(mask, self.contained(x, self.clip(x + signs * self.eps)), best)
             unchanged = ~((trial != best) & mask).reshape(n, -1).any(dim=1)
             if not bool(unchanged.any()):
                 return trial
             # negated signs always change a window of constant signs that they left unchanged
             redraw = self.signs(it, 1 + attempt, ids, c, x) if attempt < LINF_SIGN_TRIES else -signs
             signs = torch.where(unchanged.reshape(-1, 1, 1, 1), redraw, signs)
-        return torch.where(mask, self.clip(x + signs * self.eps), best)
+        return torch.where(mask, self.contained(x, self.clip(x + signs * self.eps)), best)
 
     def signs(self, it: int, slot: int, ids, c: int, x: torch.Tensor) -> torch.Tensor:
         return torch.where(self.uniform(it, slot, ids, (c, 1, 1), x) < 0.5, -1.0, 1.0).to(x.dtype)

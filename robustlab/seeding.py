@@ -50,7 +50,14 @@ def uniform(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Uniform numbers in [0, 1) of shape (len(sample_ids), *shape), fixed per sample id."""
+    """Uniform numbers in [0, 1) of shape (len(sample_ids), *shape), fixed per sample id.
+
+    Drawn as 24-bit fractions in float64 and cast once at the end: casting the 24-bit integers to
+    float16 first made 99.6% of them inf (float16 tops out at 65504), so PGD's random start was
+    the all-white image. The cast rounds to the nearest value of `dtype`; where that is 1 (float16,
+    bfloat16) it is clamped to the largest value below 1, so the interval stays half-open. float32
+    and float64 values are exactly those of the 24-bit fractions, as before.
+    """
     device = sample_ids.device if device is None else device
     key = stream_key(seed, stream)
     ids = sample_ids.to(device=device, dtype=torch.int64).reshape(-1, *([1] * len(shape)))
@@ -58,7 +65,11 @@ def uniform(
     count = math.prod(shape)
     element = torch.arange(count, device=device, dtype=torch.int64).reshape(1, *shape)
     bits = _mix32((per_sample + _mul32(element, 0x9E3779B9)) & _MASK32)
-    return (bits >> 8).to(dtype) * (1.0 / (1 << 24))
+    u = ((bits >> 8).to(torch.float64) * (1.0 / (1 << 24))).to(dtype)
+    if torch.finfo(dtype).eps > 2.0 ** -23:  # under 24 significant bits: 1 - 2**-24 may round to 1
+        u = torch.minimum(u, torch.nextafter(torch.ones((), dtype=dtype, device=device),
+                                             torch.zeros((), dtype=dtype, device=device)))
+    return u
 
 
 def normal(
@@ -70,7 +81,8 @@ def normal(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Standard normal numbers (Box-Muller on two independent uniform streams)."""
+    """Standard normal numbers (Box-Muller on two independent uniform streams), computed in float64
+    and cast once at the end, so low-precision dtypes get the rounded float64 draw."""
     u1 = uniform(seed, 2 * stream + 1_000_003, sample_ids, shape, device=device, dtype=torch.float64)
     u2 = uniform(seed, 2 * stream + 1_000_004, sample_ids, shape, device=device, dtype=torch.float64)
     radius = torch.sqrt(-2.0 * torch.log1p(-u1))  # 1 - u1 is in (0, 1]: no log(0)

@@ -106,7 +106,11 @@ class Norm:
 
     def random_start(self, eps: torch.Tensor, sample_ids: torch.Tensor, shape: tuple[int, ...],
                      *, seed: int, stream: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """A point drawn uniformly from the ball, fixed per (seed, stream, sample)."""
+        """A point drawn uniformly from the ball, fixed per (seed, stream, sample).
+
+        Computed in float64 and cast to `dtype` at the end, so it is finite in float16; rounding
+        can still leave it up to one ulp outside the ball: callers project (then clip) it.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -127,8 +131,8 @@ class Linf(Norm):
         return torch.maximum(torch.minimum(delta, e), -e)
 
     def random_start(self, eps, sample_ids, shape, *, seed, stream, device, dtype):
-        u = seeding.uniform(seed, stream, sample_ids, shape, device=device, dtype=dtype)
-        return (2.0 * u - 1.0) * expand_per_sample(eps.to(dtype), u)
+        u = seeding.uniform(seed, stream, sample_ids, shape, device=device, dtype=torch.float64)
+        return ((2.0 * u - 1.0) * expand_per_sample(eps.to(device=u.device, dtype=torch.float64), u)).to(dtype)
 
 
 class L2(Norm):
@@ -148,15 +152,28 @@ class L2(Norm):
 
     def random_start(self, eps, sample_ids, shape, *, seed, stream, device, dtype):
         # Uniform in the L2 ball: a Gaussian direction times eps * U^(1/d).
-        g = seeding.normal(seed, stream, sample_ids, shape, device=device, dtype=dtype)
+        g = seeding.normal(seed, stream, sample_ids, shape, device=device, dtype=torch.float64)
         direction = g / expand_per_sample(flat(g).norm(dim=1).clamp_min(1e-12), g)
         d = math.prod(shape)
-        u = seeding.uniform(seed, stream + 7_919, sample_ids, (1,), device=device, dtype=dtype).reshape(-1)
-        radius = eps.to(dtype) * u.pow(1.0 / d)
-        return direction * expand_per_sample(radius, g)
+        u = seeding.uniform(seed, stream + 7_919, sample_ids, (1,), device=device, dtype=torch.float64).reshape(-1)
+        radius = eps.to(device=u.device, dtype=torch.float64) * u.pow(1.0 / d)
+        return (direction * expand_per_sample(radius, g)).to(dtype)
 
 
 NORMS: dict[str, Norm] = {"linf": Linf(), "l2": L2()}
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attacks keep their iterates in: the model's, but at least float32.
+
+    A float16 / bfloat16 iterate rounds every step to a coarse grid (bfloat16 has 8 significant
+    bits: near 1 its spacing is 2**-8, a third of PGD's default step at eps 0.1), so steps are
+    distorted or lost; attacks step in float32 and cast to the model's dtype only for the forward
+    pass (then `contain` the point they evaluate).
+    """
+    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 def get_norm(name: str | Norm) -> Norm:
@@ -170,11 +187,13 @@ def get_norm(name: str | Norm) -> Norm:
 
 
 def contain(x: torch.Tensor, x_adv: torch.Tensor, eps: torch.Tensor | None, norm: Norm,
-            bounds: Bounds) -> torch.Tensor:
+            bounds: Bounds, *, sync: bool = True) -> torch.Tensor:
     """Return x_adv moved (by at most float rounding) so it is exactly inside bounds and ball.
 
-    Exactness is judged in float64 on the float values that will be returned. Runs once per
-    attack output, not per step, so its few host syncs do not matter.
+    Exactness is judged in float64 on the float values that will be returned. With sync (once
+    per attack output) the L2 case stops as soon as every row fits, at the cost of a host sync
+    per attempt; sync=False runs every attempt on the rows that still need it, with no host
+    sync, for attacks that contain their iterates inside the loop. Both return the same values.
     """
     out = bounds.clip(x_adv)
     if eps is None:
@@ -189,16 +208,15 @@ def contain(x: torch.Tensor, x_adv: torch.Tensor, eps: torch.Tensor | None, norm
         diff = clamped.double() - x64
         outside = (diff > e) | (diff < -e)
         return torch.where(outside, torch.nextafter(clamped, x), clamped)
-    shrink = torch.ones_like(eps64)
     for attempt in range(8):
         n = norm.measure(out.double() - x.double())
         too_long = n > eps64
-        if not bool(too_long.any()):
+        if sync and not bool(too_long.any()):
             return out
         margin = 1e-7 * (10.0 ** attempt)
         shrink = torch.where(too_long, eps64 / n.clamp_min(1e-300) * (1.0 - margin), torch.ones_like(n))
         delta = (out.double() - x.double()) * expand_per_sample(shrink, x)
-        out = bounds.clip((x.double() + delta).to(x.dtype))
+        out = torch.where(expand_per_sample(too_long, x), bounds.clip((x.double() + delta).to(x.dtype)), out)
     n = norm.measure(out.double() - x.double())
     out = torch.where(expand_per_sample(n > eps64, x), x, out)  # give up on that sample: clean input
     return out

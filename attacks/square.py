@@ -13,7 +13,9 @@ black-box check on models whose gradients are masked or shattered. Per sample, p
 
 Linf is Algorithm 1 of the paper (vertical-stripe init); L2 is Algorithm 3 (grid of pseudo-Gaussian
 bumps init), both as in the authors' reference code (max-andr/square-attack, attack.py), including the
-piecewise-constant p schedule rescaled from 10000 iterations to `queries`. Differences, all deliberate:
+piecewise-constant p schedule rescaled from 10000 iterations to `queries` (rescale=True; AutoAttack's
+standard Square, `PUBLISHED`, uses the absolute schedule with p_init 0.8 and 5000 queries). Differences,
+all deliberate:
 - Randomness is per sample, from robustlab.seeding keyed by (seed, restart, iteration, sample id),
   so a sample's result does not depend on its batch mates (the reference draws one window position
   per iteration for the whole batch in L2, and from one global numpy stream in Linf).
@@ -62,14 +64,25 @@ LINF_SIGN_TRIES = 4  # fresh sign draws for a window that would not change x_bes
 DEFAULT_P_INIT = {"linf": 0.05, "l2": 0.1}  # the paper's standard values
 
 
-def p_selection(p_init: float, it: int, n_iters: int) -> float:
-    """The paper's piecewise-constant schedule of p, keyed to iteration it of n_iters (rescaled to 10000)."""
-    it = int(it / n_iters * 10000)
+# AutoAttack's Square (fra31/auto-attack, autoattack.py, version "standard"): the published defaults.
+# Use them wherever a Square run decides a verdict (robustlab.integrity's black-box probe and adaptive Square).
+PUBLISHED = {"queries": 5000, "p_init": 0.8, "rescale": False}
+
+
+def p_selection(p_init: float, it: int, n_iters: int, rescale: bool = True) -> float:
+    """The paper's piecewise-constant schedule of p at iteration it (0-based) of n_iters.
+
+    rescale: stretch the schedule to n_iters as if it were 10000 (max-andr/square-attack); False: the
+    absolute schedule of AutoAttack (resc_schedule=False), where p keeps halving at fixed iterations
+    and stays at p_init / 512 after iteration 8000.
+    """
+    if rescale:
+        it = int(it / n_iters * 10000)
     for limit, divisor in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
-                           (6000, 128), (8000, 256), (10000, 512)):
+                           (6000, 128), (8000, 256)):
         if it <= limit:
             return p_init / divisor
-    return p_init
+    return p_init / 512
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class Square(Attack):
     p_init: float | None = None  # fraction of features changed at first; None: 0.05 (linf), 0.1 (l2)
     restarts: int = 1
     loss: str = "margin"
+    rescale: bool = True  # p's schedule stretched to `queries` (see p_selection); PUBLISHED: False
 
     def validate(self) -> None:
         for name in ("queries", "restarts"):
@@ -91,6 +105,8 @@ class Square(Attack):
         if self.p_init is not None and (isinstance(self.p_init, bool) or not isinstance(self.p_init, (int, float))
                                         or not 0 < self.p_init <= 1):
             raise InputError("p_init", f"must be a number in (0, 1], got {self.p_init!r}")
+        if not isinstance(self.rescale, bool):
+            raise InputError("rescale", f"must be True or False, got {self.rescale!r}")
         if self.loss not in LOSSES:
             raise InputError("loss", f"expected one of {', '.join(LOSSES)}, got {self.loss!r}")
 
@@ -167,7 +183,7 @@ class _Run:
             act = torch.nonzero(~done).reshape(-1)
             if act.numel() == 0:
                 break
-            p = p_selection(self.config.initial_p, it - 1, total)
+            p = p_selection(self.config.initial_p, it - 1, total, self.config.rescale)
             xa, ba = x[act], best[act]
             ya, ta, ia = y[act], None if targets is None else targets[act], ids[act]
             step = self.linf_step if self.linf else self.l2_step

@@ -294,6 +294,8 @@ def select_rows(summary: pd.DataFrame, *, attack: str | Sequence[str] = WORST_CA
     label = gated_attack(attack)
     mode = normalise_mode(targeted)
     rows = summary[(summary["attack"] == label) & (summary["targeted"].astype(str) == mode)]
+    if label == WORST_CASE:
+        rows = _worst_case_rows(summary, mode)
     if model is not None:
         rows = rows[rows["model"] == model]
     if norm is not None:
@@ -318,6 +320,20 @@ def select_rows(summary: pd.DataFrame, *, attack: str | Sequence[str] = WORST_CA
             raise InputError("eps", f"the result has no rows for attack {label!r} at eps={e:g}; it has eps {have}")
         picked.append(hit)
     return pd.concat(picked)
+
+
+def _worst_case_rows(summary: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """The worst-case row of every (model, norm, eps) of `mode`; where the audit wrote none (a single
+    attack at a single eps: its row is the worst case), that attack's row."""
+    rows = summary[summary["targeted"].astype(str) == mode]
+    worst = rows[rows["attack"] == WORST_CASE]
+    bounded = rows[rows["eps"].notna() & (rows["attack"] != WORST_CASE)]
+    have = {(str(r.model), str(r.norm), round(float(r.eps), 12)) for r in worst.itertuples() if pd.notna(r.eps)}
+    alone = []
+    for (model, norm, eps), block in bounded.groupby(["model", "norm", "eps"], sort=False):
+        if (str(model), str(norm), round(float(eps), 12)) not in have:
+            alone.append(block)  # one row when one attack ran; every row must pass otherwise
+    return pd.concat([worst, *alone]) if alone else worst
 
 
 def gated_attack(attack: str | Sequence[str]) -> str:

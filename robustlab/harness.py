@@ -29,7 +29,7 @@ from robustlab.batching import BatchRunner
 from robustlab.data import Dataset, load_data
 from robustlab.errors import InputError
 from robustlab.integrity import LEVELS, compute_verdicts
-from robustlab.integrity.base import Extra, ModeEvidence, ModelContext
+from robustlab.integrity.base import Extra, Found, ModeEvidence, ModelContext
 from robustlab.model import ModelUnderTest, RobustlabWarning
 from robustlab.results import SUMMARY_COLUMNS, WORST_CASE, AuditResult, example_key, sample_frame
 from robustlab.threat import Bounds, get_norm
@@ -106,7 +106,10 @@ def audit(
     checks: integrity checks after each model's attacks (robustlab.integrity): "default" (the cheap
         ones, +<=50% time), "strict" (also the costly ones in full, and transfer from `surrogate`), or
         "none". With checks, margin-loss PGD always runs ("pgd-margin") and the adaptive attacks the
-        failed checks call for (BPDA, EoT, Square, ...) add rows; every row joins the worst case.
+        failed checks call for (BPDA, EoT, Square, ...) add rows; the probes' verified adversarial examples
+        are kept as sample rows ("probe:pgd-strong", "probe:square"); every row joins the worst case.
+        The worst case carries a sample broken at an eps to every larger eps, and untargeted it counts
+        every targeted mode's misclassifications; samples.csv holds its per-sample rows ("worst-case").
         metadata["checks"] and metadata["verdict"] hold the results (see robustlab.integrity.verdict).
     surrogate: an nn.Module for the strict transfer check (same inputs and classes); a model with
         `requires_transfer` uses its own `.surrogate`.
@@ -394,16 +397,20 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # "attack|eps" -> adversarial inputs to explain
     keep_count = _explained_count(plan, x)
 
+    def keep(label: str, eps: float, state: "_ModeState", block: "_Block") -> None:
+        """Per-sample results of one (attack, eps): what the checks and the worst case are built from."""
+        state.evidence.robust[(label, eps)] = block.robust
+        state.evidence.success[(label, eps)] = block.success
+        state.blocks[(label, eps)] = block
+
     def run(attack: Attack, mode: str, state: "_ModeState", extra: Extra | None = None) -> None:
         label = extra.label if extra is not None else None
         for eps, per_set, seconds, calls in _run_attack(attack, mut, plan, x, y, ids, clean_correct, state.target_sets,
                                                         say, label=label, extra=extra):
-            record, robust, attacked, success, l2, linf = _summarise(
+            record, block = _summarise(
                 mut.name, attack, plan.norm, eps, mode, per_set, x, y, clean_pred, clean_correct, state.target_sets,
                 seconds, calls, rows, ids, label=label)
-            note = _row_note(mut, extra)
-            if note:
-                record["note"] = note
+            _add_note(record, _row_note(mut, extra))
             summaries.append(record)
             examples[example_key(mut.name, record["attack"], eps, mode)] = _adversarial_examples(per_set[0], x, shown)
             if (eps is not None and mode == explain_mode and record["attack"] == explain_attack
@@ -411,23 +418,41 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
                 outcome = per_set[0][0]
                 kept[f"{record['attack']}|{eps:g}"] = (outcome.x_adv[:keep_count], outcome.adv_pred[:keep_count])
             if eps is not None:
-                state.evidence.robust[(record["attack"], eps)] = robust
-                state.robust_by[(record["attack"], eps)] = robust
-                state.success_by[(record["attack"], eps)] = (attacked, success, l2, linf)
-                state.evidence.success[(record["attack"], eps)] = success
+                keep(record["attack"], eps, state, block)
             else:
-                state.evidence.unbounded[record["attack"]] = success
+                state.evidence.unbounded[record["attack"]] = block.success
+
+    def found(f: "Found") -> None:
+        """A probe's verified outcomes: sample rows of their own (no summary row), and the worst case."""
+        state = states[f.mode]
+        n = len(y)
+        per_set = []
+        for set_index in range(max(1, len(state.target_sets))):
+            part = next((p for p in f.parts if p[0] == set_index), None)
+            mask = torch.zeros(n, dtype=torch.bool)
+            if part is not None:  # positions ascending (probes.rows draws them so): the outcome's row order
+                mask[part[1]] = True
+            per_set.append((None if part is None else part[2], mask))
+        calls = sum(int(p[2].gradient_calls) for p in f.parts)
+        seconds = sum(float(p[2].seconds) for p in f.parts)
+        _, block = _summarise(mut.name, None, plan.norm, f.eps, f.mode, per_set, x, y, clean_pred,
+                              clean_correct, state.target_sets, seconds, calls, rows, ids, label=f.label)
+        keep(f.label, f.eps, state, block)
+        spent_calls, spent_seconds = state.probe_cost.get(f.eps, (0, 0.0))
+        state.probe_cost[f.eps] = (spent_calls + calls, spent_seconds + seconds)
 
     for mode in plan.modes:
         target_sets = targeting.select(mode, y, logits, ids, seed=plan.seed, num_classes=mut.num_classes)
         masks = torch.stack([clean_correct if s is None else (clean_correct & s.valid) for s in (target_sets or [None])])
-        state = _ModeState(target_sets, {}, {}, ModeEvidence(mode=mode, target_sets=target_sets, masks=masks))
+        state = _ModeState(target_sets, ModeEvidence(mode=mode, target_sets=target_sets, masks=masks))
         states[mode] = state
         for attack in plan.attacks:
             run(attack, mode, state)
+    if "none" in states:  # a targeted success is a misclassification: it breaks the untargeted threat model too
+        states["none"].evidence.also = [s.evidence for m, s in states.items() if m != "none"]
     integrity: dict = {}
     if plan.checks != "none":
-        integrity = _run_checks(mut, plan, x, y, ids, clean_correct, logits, states, run, say)
+        integrity = _run_checks(mut, plan, x, y, ids, clean_correct, logits, states, run, found, say)
     explanation = None
     if plan.explain:
         from robustlab.explaining import explain_model
@@ -438,14 +463,16 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
                                     background=x, seed=plan.seed, batch_size=plan.batch_size,
                                     differentiable=not via_surrogate, say=say)
     for mode, state in states.items():
+        others = [s for m, s in states.items() if m != mode] if mode == "none" else []
+        if len(state.blocks) + sum(len(s.blocks) for s in others) < 2:
+            continue  # one attack at one eps: its own row is the worst case
         for eps in plan.eps:
-            keys = [k for k in state.robust_by if k[1] == eps]
-            if len(keys) < 2:
+            worst = _worst_case(mut.name, plan.norm, eps, mode, state, others, summaries, y, ids, clean_pred,
+                                clean_correct, rows)
+            if worst is None:
                 continue
-            worst = _worst_case(mut.name, plan.norm, eps, mode, keys, state.robust_by, state.success_by, summaries,
-                                clean_acc, len(x))
             if via_surrogate:
-                worst["note"] = TRANSFER_NOTE
+                _add_note(worst, TRANSFER_NOTE)
             summaries.append(worst)
     return summaries, sample_frame(rows), used_batch, examples, integrity, explanation
 
@@ -463,13 +490,31 @@ def _explained_count(plan: _Plan, x: torch.Tensor) -> int:
 
 
 @dataclass
+class _Block:
+    """One (attack, eps, mode)'s per-(target set, sample) results, each (sets, n)."""
+
+    robust: torch.Tensor
+    attacked: torch.Tensor
+    success: torch.Tensor
+    l2: torch.Tensor
+    linf: torch.Tensor
+    adv_pred: torch.Tensor
+    confidence: torch.Tensor
+
+
+@dataclass
 class _ModeState:
-    """Per targeted mode: its target sets and every attack's per-(set, sample) results so far."""
+    """Per targeted mode: its target sets and every attack's (and probe's) per-(set, sample) results so far."""
 
     target_sets: list
-    robust_by: dict  # (attack label, eps) -> (sets, n) robust
-    success_by: dict  # (attack label, eps) -> (attacked, success, l2, linf)
     evidence: ModeEvidence
+    blocks: dict = field(default_factory=dict)  # (attack label, eps) -> _Block
+    probe_cost: dict = field(default_factory=dict)  # eps -> (queries/gradient calls, seconds) of the probes' rows
+
+    @property
+    def eligible(self) -> torch.Tensor:
+        """Samples some target set can attack (a fixed target class cannot attack its own samples)."""
+        return _eligible(self.target_sets, self.evidence.masks.shape[1])
 
 
 def _row_note(mut: ModelUnderTest, extra: Extra | None) -> str | None:
@@ -478,8 +523,10 @@ def _row_note(mut: ModelUnderTest, extra: Extra | None) -> str | None:
     return TRANSFER_NOTE if needs_transfer(mut) else None
 
 
-def _run_checks(mut, plan: _Plan, x, y, ids, clean_correct, logits, states, run, say) -> dict:
-    """Integrity checks for one model, with the margin-loss PGD before and the adaptive attacks after."""
+def _run_checks(mut, plan: _Plan, x, y, ids, clean_correct, logits, states, run, found, say) -> dict:
+    """Integrity checks for one model, with the margin-loss PGD before and the adaptive attacks after.
+
+    Every adversarial example a check's probe found is kept (`found`) before the adaptive attacks run."""
     from robustlab.integrity import adaptive as adaptive_attacks
     from robustlab.integrity.runner import run_checks
 
@@ -501,6 +548,8 @@ def _run_checks(mut, plan: _Plan, x, y, ids, clean_correct, logits, states, run,
     for r in results:
         if r.status == "fail":
             say(f"{mut.name}: check {r.check} failed" + ("" if r.eps is None else f" at eps={r.eps:g}"))
+        for f in r.found:
+            found(f)
     extras, notes = adaptive_attacks.plan(ctx, results)
     for extra in extras:
         say(f"{mut.name}: adaptive attack {extra.label}: {extra.reason}")
@@ -593,7 +642,7 @@ def _summarise(model_name, attack, norm, eps, mode, per_set, x, y, clean_pred, c
     label = label or (attack.label)
     # Budgeted rows are in the audit's norm; an unbounded run is in the attack's own (CW: L2).
     row_norm = norm if eps is not None else attack.geometry.name
-    robust_sets, attacked_sets, success_sets, l2_sets, linf_sets = [], [], [], [], []
+    robust_sets, attacked_sets, success_sets, l2_sets, linf_sets, pred_sets, confidence_sets = [], [], [], [], [], [], []
     for set_index, (outcome, mask) in enumerate(per_set):
         adv_pred = clean_pred.clone()
         confidence = torch.full((n,), float("nan"), dtype=torch.float64)
@@ -614,6 +663,8 @@ def _summarise(model_name, attack, norm, eps, mode, per_set, x, y, clean_pred, c
         success_sets.append(success)
         l2_sets.append(l2)
         linf_sets.append(linf)
+        pred_sets.append(adv_pred)
+        confidence_sets.append(confidence)
         rows["model"] += [model_name] * n
         rows["sample"] += ids.tolist()
         rows["attack"] += [label] * n
@@ -635,34 +686,141 @@ def _summarise(model_name, attack, norm, eps, mode, per_set, x, y, clean_pred, c
     attacked = torch.stack(attacked_sets)
     success = torch.stack(success_sets)
     l2, linf = torch.stack(l2_sets), torch.stack(linf_sets)
+    eligible = _eligible(target_sets, n)
     record = {
-        "model": model_name, "attack": label, "norm": row_norm, "eps": eps, "targeted": mode, "n": n,
-        "clean_accuracy": float(clean_correct.double().mean()),
-        "robust_accuracy": float(robust.all(dim=0).double().mean()),
+        "model": model_name, "attack": label, "norm": row_norm, "eps": eps, "targeted": mode,
+        **_over_eligible(robust, clean_correct, eligible, mode),
         "success_rate": _rate(success, attacked),
         "n_attacked": int(attacked.sum()),
         "median_l2": _median(l2[success]), "median_linf": _median(linf[success]),
         "gradient_calls": int(calls), "seconds": round(float(seconds), 4),
     }
-    return record, robust, attacked, success, l2, linf
+    return record, _Block(robust, attacked, success, l2, linf, torch.stack(pred_sets), torch.stack(confidence_sets))
 
 
-def _worst_case(model_name, norm, eps, mode, keys, robust_by, success_by, summaries, clean_acc, n) -> dict:
-    robust = torch.stack([robust_by[k] for k in keys]).all(dim=0)  # (sets, samples): every attack failed
-    attacked = success_by[keys[0]][0]
-    success = torch.stack([success_by[k][1] for k in keys]).any(dim=0)
-    inf = torch.tensor(float("inf"), dtype=torch.float64)
-    smallest_l2 = torch.stack([torch.where(success_by[k][1], success_by[k][2], inf) for k in keys]).amin(dim=0)
-    smallest_linf = torch.stack([torch.where(success_by[k][1], success_by[k][3], inf) for k in keys]).amin(dim=0)
-    same = [s for s in summaries if s["eps"] == eps and s["targeted"] == mode and s["model"] == model_name]
-    return {
-        "model": model_name, "attack": WORST_CASE, "norm": norm, "eps": eps, "targeted": mode, "n": n,
-        "clean_accuracy": clean_acc, "robust_accuracy": float(robust.all(dim=0).double().mean()),
+def _eligible(target_sets, n: int) -> torch.Tensor:
+    """Samples some target set can attack: all, except a fixed target class's own samples."""
+    if not target_sets:
+        return torch.ones(n, dtype=torch.bool)
+    return torch.stack([s.valid for s in target_sets]).any(dim=0)
+
+
+def _over_eligible(robust: torch.Tensor, clean_correct: torch.Tensor, eligible: torch.Tensor, mode: str) -> dict:
+    """n, clean and robust accuracy of a row over the samples its targets can attack, and a note when that
+    is not all of them: a sample whose label is the fixed target cannot be attacked, so it cannot count
+    as robust either."""
+    k = int(eligible.sum())
+    out: dict[str, Any] = {"n": k, "clean_accuracy": float(clean_correct[eligible].double().mean()) if k else float("nan"),
+           "robust_accuracy": float(robust.all(dim=0)[eligible].double().mean()) if k else float("nan")}
+    excluded = len(eligible) - k
+    if excluded:
+        out["note"] = (f"{excluded} samples of class {mode} (the target) excluded: they cannot be attacked toward "
+                       "their own label")
+    return out
+
+
+def _add_note(record: dict, note: str | None) -> None:
+    if note:
+        record["note"] = f"{record['note']}; {note}" if record.get("note") else note
+
+
+_INF = float("inf")
+
+
+def _worst_case(model_name, norm, eps, mode, state: _ModeState, others: list[_ModeState], summaries, y, ids,
+                clean_pred, clean_correct, rows) -> dict | None:
+    """The worst-case summary record at eps, and its per-sample rows (attack "worst-case") in `rows`.
+
+    A (target set, sample) is robust only if every attack and probe failed on it at eps and at every
+    smaller eps (the balls of one norm are nested, so an adversarial example found at a smaller eps
+    is inside this ball too), and, untargeted, if no targeted mode misclassified it either (AutoAttack
+    counts APGD-T's successes the same way). Each broken row keeps the smallest adversarial
+    perturbation found (in the audit's norm) with its prediction.
+    """
+    def within(e: float) -> bool:
+        return e <= eps + 1e-9 * max(1.0, eps)
+
+    keys = [k for k in state.blocks if within(k[1])]
+    if not keys:
+        return None
+    own = [state.blocks[k] for k in keys]
+    attacked = state.evidence.masks
+    untargeted = mode == "none"
+    # success: untargeted, a misclassification; targeted, the target reached
+    layers = [(b.robust, b.attacked & (~b.robust if untargeted else b.success), b) for b in own]
+    for other in others:
+        for k in [k for k in other.blocks if within(k[1])]:
+            layers.append(_misclassified(other.blocks[k], norm))
+    robust = torch.stack([r for r, _, _ in layers]).all(dim=0)  # (sets, n)
+    hits = torch.stack([h for _, h, _ in layers])
+    success = hits.any(dim=0) & attacked
+    wrong = torch.stack([b.attacked & ~r for r, _, b in layers])  # misclassified, target reached or not
+    size = torch.stack([(b.linf if norm == "linf" else b.l2).double() for _, _, b in layers])
+    chosen = torch.where(hits.any(dim=0), torch.where(hits, size, _INF).argmin(dim=0),
+                         torch.where(wrong, size, _INF).argmin(dim=0))  # (sets, n): the layer kept per row
+    broken = hits.any(dim=0) | wrong.any(dim=0)
+
+    def pick(name: str) -> torch.Tensor:
+        return torch.stack([getattr(b, name) for _, _, b in layers]).gather(0, chosen.unsqueeze(0)).squeeze(0)
+
+    adv_pred = pick("adv_pred")
+    confidence = torch.where(broken, pick("confidence"), float("nan"))
+    l2 = torch.where(broken, pick("l2"), float("nan"))
+    linf = torch.where(broken, pick("linf"), float("nan"))
+    smallest_l2 = torch.stack([torch.where(h, b.l2, _INF) for _, h, b in layers]).amin(dim=0)
+    smallest_linf = torch.stack([torch.where(h, b.linf, _INF) for _, h, b in layers]).amin(dim=0)
+    n = len(y)
+    for s in range(robust.shape[0]):
+        target = state.target_sets[s].targets if state.target_sets else None
+        rows["model"] += [model_name] * n
+        rows["sample"] += ids.tolist()
+        rows["attack"] += [WORST_CASE] * n
+        rows["norm"] += [norm] * n
+        rows["eps"] += [eps] * n
+        rows["targeted"] += [mode] * n
+        rows["target"] += [pd.NA] * n if target is None else target.tolist()
+        rows["label"] += y.tolist()
+        rows["clean_pred"] += clean_pred.tolist()
+        rows["adv_pred"] += adv_pred[s].tolist()
+        rows["adv_confidence"] += confidence[s].tolist()
+        rows["clean_correct"] += clean_correct.tolist()
+        rows["attacked"] += attacked[s].tolist()
+        rows["success"] += success[s].tolist()
+        rows["robust"] += robust[s].tolist()
+        rows["l2"] += l2[s].tolist()
+        rows["linf"] += linf[s].tolist()
+    modes = {mode} | ({s["targeted"] for s in summaries} if others else set())  # untargeted: every mode's work
+    same = [s for s in summaries if s["model"] == model_name and s["targeted"] in modes and s["eps"] is not None
+            and s["attack"] != WORST_CASE and within(float(s["eps"]))]
+    probe_calls = sum(c for st in [state, *others] for e, (c, _) in st.probe_cost.items() if within(e))
+    probe_seconds = sum(t for st in [state, *others] for e, (_, t) in st.probe_cost.items() if within(e))
+    record = {
+        "model": model_name, "attack": WORST_CASE, "norm": norm, "eps": eps, "targeted": mode,
+        **_over_eligible(robust, clean_correct, state.eligible, mode),
         "success_rate": _rate(success, attacked), "n_attacked": int(attacked.sum()),
         "median_l2": _median(smallest_l2[success]), "median_linf": _median(smallest_linf[success]),
-        "gradient_calls": int(sum(s["gradient_calls"] for s in same)),
-        "seconds": round(float(sum(s["seconds"] for s in same)), 4),
+        "gradient_calls": int(sum(s["gradient_calls"] for s in same) + probe_calls),
+        "seconds": round(float(sum(s["seconds"] for s in same) + probe_seconds), 4),
     }
+    return record
+
+
+def _misclassified(block: _Block, norm: str) -> tuple[torch.Tensor, torch.Tensor, _Block]:
+    """A targeted mode's block seen from the untargeted threat model: one row per sample, broken where
+    any target set misclassified it (keeping the smallest such perturbation)."""
+    wrong = block.attacked & ~block.robust
+    size = torch.where(wrong, block.linf if norm == "linf" else block.l2, _INF)
+    best = size.argmin(dim=0, keepdim=True)
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        return t.gather(0, best)
+
+    attacked = block.attacked.any(dim=0, keepdim=True)
+    robust = block.robust.all(dim=0, keepdim=True)
+    hit = attacked & ~robust
+    reduced = _Block(robust=robust, attacked=attacked, success=hit, l2=one(block.l2), linf=one(block.linf),
+                     adv_pred=one(block.adv_pred), confidence=one(block.confidence))
+    return robust, hit, reduced
 
 
 def _rate(success: torch.Tensor, attacked: torch.Tensor) -> float:
@@ -706,7 +864,9 @@ def _metadata(plan: _Plan, started, finished, seconds, batch_sizes, config) -> d
                                "of the attack (misclassified clean samples are not robust)",
             "success_rate": "share of attacked (sample, target) rows where the attack succeeded; untargeted: "
                             "prediction != label; targeted: prediction == target",
-            "worst-case": "a sample counts as robust only if every attack failed on it at that eps",
+            "worst-case": "a sample counts as robust at an eps only if every attack, probe and adaptive attack "
+                          "failed on it at that eps and at every smaller eps (the balls are nested), and, "
+                          "untargeted, if no targeted mode misclassified it either",
         },
     }
 

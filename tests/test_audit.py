@@ -30,8 +30,9 @@ def test_summary_and_samples_follow_the_contract(result):
     assert len(bounded) == 4 * 2
     unbounded = result.summary[result.summary["eps"].isna()]
     assert list(unbounded["attack"]) == ["cw"] and list(unbounded["norm"]) == ["l2"]
-    # one row per (sample, attack, eps): 3 attacks x 2 eps + CW's unbounded run
-    assert len(result.samples) == 60 * (3 * 2 + 1)
+    # one row per (sample, attack, eps): 3 attacks x 2 eps + CW's unbounded run + the worst case at 2 eps
+    assert len(result.samples) == 60 * (3 * 2 + 1 + 2)
+    assert (result.samples["attack"] == "worst-case").sum() == 60 * 2
     meta = result.metadata
     for key in ("robustlab_version", "torch_version", "device", "seed", "started", "finished", "models", "data", "config"):
         assert key in meta
@@ -73,7 +74,13 @@ def test_pgd_beats_fgsm_and_robustness_falls_with_eps(result):
 def test_perturbations_stay_in_budget(result):
     s = result.samples
     bounded = s[s["eps"].notna()]
-    assert (bounded["linf"] <= bounded["eps"] * (1 + 1e-6)).all()
+    attacks = bounded[bounded["attack"] != "worst-case"]
+    assert (attacks["linf"] <= attacks["eps"] * (1 + 1e-6)).all()
+    # worst-case rows keep the smallest adversarial perturbation found, and none where nothing was found
+    worst = bounded[bounded["attack"] == "worst-case"]
+    broken = worst["clean_correct"] & ~worst["robust"]
+    assert (worst.loc[broken, "linf"] <= worst.loc[broken, "eps"] * (1 + 1e-6)).all()
+    assert worst.loc[~broken, "linf"].isna().all()
 
 
 def test_seeded_runs_are_identical_and_batch_size_does_not_matter():

@@ -161,7 +161,14 @@ def test_honest_models_fail_no_check(name, seed):
         assert v["reasons"] == ([SUITE_REASON] if attacks_failed else [])
     ran = {c["check"] for c in result.metadata["checks"]["results"] if c["status"] == "pass"}
     assert {"gradients", "logits", "determinism", "unbounded", "eps-monotonic", "iterative-vs-single-step",
-            "margin-vs-ce", "convergence", "black-box"} <= ran
+            "margin-vs-ce", "convergence"} <= ran
+    # the black-box probe ran at every eps, but a 300-query Square finding little is no evidence, and without
+    # the standard cascade no published Square covered the rows: inconclusive, never a pass
+    black_box = [c for c in result.metadata["checks"]["results"] if c["check"] == "black-box"]
+    assert {c["eps"] for c in black_box} == set(EPS)
+    for c in black_box:
+        assert c["status"] == "skipped" and c["explanation"].startswith("Inconclusive"), c
+        assert c["evidence"]["probed"] > 0 and c["evidence"]["square_queries"] == 300
 
 
 def test_standard_suite_can_call_an_honest_model_robust():

@@ -205,8 +205,9 @@ def test_passing_gate_and_summary_table(project):
     run.stdout.fnmatch_lines([
         "*robustlab robustness gates*",
         "test * model * attack * eps * clean * robust * required * baseline * verdict * result",
-        # the integrity checks ran (robustlab.integrity) and found nothing wrong with the linear model at eps 0.01
-        "test_gate.py::test_small_eps_is_robust * linear * pgd * linf 0.01 * 0.781 * 0.* 0.500 * - * robust * PASS",
+        # the integrity checks ran (robustlab.integrity) and found nothing wrong with the linear model at eps 0.01;
+        # the gate reads the worst case over every attack the audit ran, not the marker's attack alone
+        "test_gate.py::test_small_eps_is_robust * linear * worst-case * linf 0.01 * 0.781 * 0.* 0.500 * - * robust * PASS",
         "1 gates, 0 failed",
     ])
 
@@ -217,12 +218,12 @@ def test_failing_gate_names_model_attack_eps_and_values(project):
     run.assert_outcomes(failed=2)
     out = run.stdout.str()
     rep = project.path / "rep"
-    untargeted = _summary_row(rep / "test_gate.py__test_large_eps", "pgd", 0.1)
-    targeted = _summary_row(rep / "test_gate.py__test_targeted", "pgd", 0.2, "next")
+    untargeted = _summary_row(rep / "test_gate.py__test_large_eps", "worst-case", 0.1)
+    targeted = _summary_row(rep / "test_gate.py__test_targeted", "worst-case", 0.2, "next")
     assert untargeted["robust_accuracy"] < 0.9 and targeted["robust_accuracy"] < 0.95
-    assert ("FAIL model 'linear', attack pgd at linf eps=0.1 (untargeted): robust_accuracy measured "
+    assert ("FAIL model 'linear', attack worst-case at linf eps=0.1 (untargeted): robust_accuracy measured "
             f"{untargeted['robust_accuracy']:.4g}, required >= 0.9 (min_accuracy)") in out
-    assert ("FAIL model 'linear', attack pgd at linf eps=0.2 (targeted: next): robust_accuracy measured "
+    assert ("FAIL model 'linear', attack worst-case at linf eps=0.2 (targeted: next): robust_accuracy measured "
             f"{targeted['robust_accuracy']:.4g}, required >= 0.95 (min_accuracy)") in out
     assert f"clean accuracy of 'linear': {untargeted['clean_accuracy']:.4g} (n=32)" in out
     verdict = gates.verdict(robustlab.load(rep / "test_gate.py__test_large_eps"), model="linear", targeted="none")
@@ -231,9 +232,35 @@ def test_failing_gate_names_model_attack_eps_and_values(project):
     if callable(getattr(robustlab.reports, "render", None)):  # the HTML report, once its renderer exists
         html = rep / "test_gate.py__test_large_eps" / "report.html"
         assert html.is_file() and f"(report: {html})" in out
-    run.stdout.fnmatch_lines(["*test_gate.py::test_large_eps * linear * pgd * linf 0.1 * 0.900 * FAIL",
-                              "*test_gate.py::test_targeted * linear * pgd (targeted: next) * linf 0.2 * FAIL",
+    run.stdout.fnmatch_lines(["*test_gate.py::test_large_eps * linear * worst-case * linf 0.1 * 0.900 * FAIL",
+                              "*test_gate.py::test_targeted * linear * worst-case (targeted: next) * linf 0.2 * FAIL",
                               "2 gates, 2 failed"])
+
+
+def test_the_marker_gates_the_worst_case_not_the_attack_it_runs(project):
+    """The marker's `attack` (default "pgd") says what runs; the gate must read the worst case over every
+    row the audit wrote (the checks' margin-loss PGD and probes included). Before: the PGD row was gated
+    (0.625 and 0.406 at eps 0.05 and 0.1, where the worst case is 0.594 and 0.375). After: the worst case."""
+    project.makepyfile(test_gate="""
+import pytest
+
+@pytest.mark.robustness(eps=[0.05, 0.1], min_accuracy=0.0, steps=5, name="linear")
+def test_default_attack(robustlab, model, data):
+    robustlab.check(model, data, suite="none")
+""")
+    run = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-report", "rep")
+    run.assert_outcomes(passed=1)
+    session = json.loads((project.path / "rep" / "session.json").read_text())
+    saved = project.path / "rep" / "test_gate.py__test_default_attack"
+    assert sorted(g["eps"] for g in session["gates"]) == [0.05, 0.1]
+    lower = 0
+    for g in session["gates"]:
+        assert g["attack"] == "worst-case", g
+        worst = _summary_row(saved, "worst-case", g["eps"])
+        pgd = _summary_row(saved, "pgd", g["eps"])
+        assert g["robust_accuracy"] == worst["robust_accuracy"] <= pgd["robust_accuracy"]
+        lower += worst["robust_accuracy"] < pgd["robust_accuracy"]
+    assert lower, "the scenario lost the rows where the worst case is below PGD's"
 
 
 def test_unknown_marker_argument_is_a_clear_error(project):
@@ -303,7 +330,7 @@ def test_explicit(robustlab, model, data):
     assert by_test["test_gate.py::test_small_eps_is_robust"]["verdict"] == "robust"
     markdown = (rep / "summary.md").read_text()
     assert "4 gates, 2 failed." in markdown
-    assert "| `test_gate.py::test_large_eps` | linear | pgd | linf 0.1 |" in markdown and "❌ **FAIL**" in markdown
+    assert "| `test_gate.py::test_large_eps` | linear | worst-case | linf 0.1 |" in markdown and "❌ **FAIL**" in markdown
     run.stdout.fnmatch_lines([f"robustlab: wrote {rep / 'session.json'}", f"robustlab: wrote {rep / 'summary.md'}",
                               f"robustlab: wrote {project.path / 'gates.json'}"])
 
@@ -328,15 +355,17 @@ def test_audit_only(robustlab, model, data):
         for row in entry["summary"]:
             row["robust_accuracy"] += 0.2
     path.write_text(json.dumps(baseline))
-    gated = baseline["tests"]["test_gate.py::test_small_eps_is_robust"]["summary"][0]["robust_accuracy"]
+    first = baseline["tests"]["test_gate.py::test_small_eps_is_robust"]["summary"][0]["robust_accuracy"]
+    gated = next(r["robust_accuracy"] for r in baseline["tests"]["test_gate.py::test_small_eps_is_robust"]["summary"]
+                 if r["attack"] == "worst-case")
     worse = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json",
                                         "--robustlab-compare-fail", "robust_accuracy:2%")
     worse.assert_outcomes(failed=2)
     out = worse.stdout.str()
-    assert f"vs baseline {gated:.4g} (-0.2); required >= {gated * 0.98:.4g} (allowed 2% of baseline" in out
+    assert f"vs baseline {first:.4g} (-0.2); required >= {first * 0.98:.4g} (allowed 2% of baseline" in out
     # pgd, and the pgd-margin and worst-case rows the integrity checks add: each 0.2 worse than the baseline
     assert "robustness regression: 3 of 3 checks failed (test_gate.py::test_audit_only)" in out
-    worse.stdout.fnmatch_lines([f"*test_small_eps_is_robust * linear * pgd * linf 0.01 * 0.500 * {gated:.3f} *FAIL"])
+    worse.stdout.fnmatch_lines([f"*test_small_eps_is_robust * linear * worst-case * linf 0.01 * 0.500 * {gated:.3f} *FAIL"])
 
     quick = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json",
                                         "--robustlab-compare-fail", "robust_accuracy:50%", "--robustlab-quick")

@@ -5,12 +5,14 @@
 - gradients blocked: BPDA ("pgd-bpda") through the layers `find_gradient_blockers` names (identity
   backward), judged on the original model by `transfer`; no such layer: the Square attack;
 - random forward pass: EoT ("pgd-eot", gradient averaged over EOT_SAMPLES passes);
-- black-box beat white-box: the Square attack in full ("square") / transfer ("transfer");
+- black-box beat white-box: the Square attack in full ("square", AutoAttack's published settings) /
+  transfer ("transfer");
 - PGD not converged: the stronger PGD on every sample ("pgd-strong");
 - any other failed check (unbounded, iterative-vs-single-step, eps-monotonic) with no gradient
   cause found: the Square attack, which needs no gradient.
 Their rows join the summary and the per-sample worst case, so the reported robust accuracy is
-the adaptive one.
+the adaptive one. A check that failed at one eps calls its attack at that eps and every larger one:
+the balls are nested, so an attack that was needed at eps is needed at every larger budget too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from robustlab.attacks import PGD
 
 from .base import CheckResult, Extra, ModelContext
-from .probes import SQUARE_QUERIES, square_attack, stronger_pgd
+from .probes import published_square, stronger_pgd
 
 EOT_SAMPLES = 8
 ADAPTIVE_STEPS = 20  # at least; else twice the audit PGD's steps
@@ -58,18 +60,19 @@ def plan(ctx: ModelContext, results: list[CheckResult]) -> tuple[list[Extra], li
                             check="determinism",
                             reason=f"random forward pass: PGD with the gradient averaged over {EOT_SAMPLES} passes (EoT)"))
     for r in failed:
+        upward = _at_and_above(ctx, r.eps)
         if r.check == "black-box":
             for source in r.evidence.get("failed_by", []):
                 if source == "square":
-                    square_eps.add(float(r.eps))
+                    square_eps.update(upward)
                 elif source == "transfer" and ctx.surrogate is not None:
                     extras.append(Extra(label="transfer", attack=(ctx.attack("pgd") or PGD(norm=ctx.norm)).replace(eps=None),
-                                        check="black-box", source=ctx.surrogate, transfer=True, eps=[float(r.eps)],
+                                        check="black-box", source=ctx.surrogate, transfer=True, eps=upward,
                                         reason="transfer from the surrogate broke points the white-box attacks missed"))
         elif r.check == "convergence":
             extras.append(Extra(label="pgd-strong", attack=stronger_pgd(ctx).replace(eps=None), check="convergence",
-                                eps=[float(r.eps)], reason="PGD had not converged: twice the steps and one more "
-                                                           "restart, on every sample"))
+                                eps=upward, reason="PGD had not converged: twice the steps and one more "
+                                                   "restart, on every sample"))
     if names & {"unbounded", "iterative-vs-single-step", "eps-monotonic"} and not names & {"gradients", "determinism"}:
         square_eps.update(ctx.eps)
     merged = {}
@@ -82,10 +85,17 @@ def plan(ctx: ModelContext, results: list[CheckResult]) -> tuple[list[Extra], li
     if square_eps:
         why = sorted(names & {"black-box", "gradients", "determinism", "unbounded", "iterative-vs-single-step",
                               "eps-monotonic"})
-        extras.append(Extra(label="square", attack=square_attack(ctx, 0.0, SQUARE_QUERIES["strict"]).replace(eps=None),
+        extras.append(Extra(label="square", attack=published_square(ctx, None),
                             check=", ".join(why), source=ctx.mut, eps=sorted(square_eps),
                             reason="a score-based attack, which needs no gradient, after: " + ", ".join(why)))
     return extras, notes
+
+
+def _at_and_above(ctx: ModelContext, eps: float | None) -> list[float]:
+    """The audit's eps values at or above `eps` (all of them for a model-wide check)."""
+    if eps is None:
+        return sorted(ctx.eps)
+    return sorted(e for e in ctx.eps if e >= float(eps) * (1 - 1e-9))
 
 
 def _bpda(ctx: ModelContext, steps: int) -> Extra | str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from robustlab.attacks import Attack
+from robustlab.attacks import Attack, AttackOutcome
 from robustlab.model import ModelUnderTest
 
 from . import text
@@ -28,12 +28,34 @@ class CheckResult:
     evidence: dict = field(default_factory=dict)
     seconds: float = 0.0
     reason: str = ""  # why skipped, or a short note
+    found: list["Found"] = field(default_factory=list, repr=False)  # verified adversarials; not serialised
 
     def to_dict(self) -> dict:
         return {"model": self.model, "check": self.check, "title": text.title(self.check), "status": self.status,
                 "norm": self.norm, "eps": self.eps, "targeted": self.targeted, "evidence": _jsonable(self.evidence),
                 "explanation": text.explanation(self.check, self.status, self.reason),
                 "next_step": text.next_step(self.check, self.status), "seconds": round(float(self.seconds), 4)}
+
+
+@dataclass
+class Found:
+    """Verified adversarial examples a check found, for the harness to keep.
+
+    A probe attacks a subset of the rows every attack left robust (the unbounded check, the first
+    correctly classified samples); what it breaks is as real as any attack's success, so the harness
+    writes these rows to the results under `label` (e.g. "probe:square") and they join the per-sample
+    worst case. `parts` holds, per target set, the sample positions attacked (ascending) and the
+    verified outcome on them, within eps.
+    """
+
+    label: str
+    mode: str
+    eps: float
+    parts: list[tuple[int, torch.Tensor, AttackOutcome]]
+
+    @property
+    def probed(self) -> int:
+        return sum(len(idx) for _, idx, _ in self.parts)
 
 
 @dataclass
@@ -94,6 +116,7 @@ class ModeEvidence:
     robust: dict[tuple[str, float], torch.Tensor] = field(default_factory=dict)
     success: dict[tuple[str, float], torch.Tensor] = field(default_factory=dict)
     unbounded: dict[str, torch.Tensor] = field(default_factory=dict)  # minimal attacks' success, no budget
+    also: list["ModeEvidence"] = field(default_factory=list)  # untargeted: the targeted modes' evidence
 
     def targets(self, set_index: int) -> torch.Tensor | None:
         return None if not self.target_sets else self.target_sets[set_index].targets
@@ -102,13 +125,27 @@ class ModeEvidence:
         return [label for (label, e) in self.robust if e == eps]
 
     def worst(self, eps: float, labels: list[str] | None = None) -> torch.Tensor:
-        """(sets, n): robust under every attack (of `labels`) at eps."""
-        keys = [(label, eps) for label in (labels or self.labels(eps)) if (label, eps) in self.robust]
-        return torch.stack([self.robust[k] for k in keys]).all(dim=0)
+        """(sets, n): robust under every attack (of `labels`) at eps and at every smaller eps.
+
+        The balls are nested (one norm), so a sample broken at a smaller eps is broken at eps too;
+        untargeted, a sample a targeted mode misclassified (`also`) is broken as well.
+        """
+        robust = self.masks.new_ones(self.masks.shape)
+        for other in [self, *self.also]:
+            keys = [(label, e) for (label, e) in other.robust
+                    if e <= eps + _EPS_SLACK * max(1.0, eps) and (labels is None or label in labels or other is not self)]
+            if not keys:
+                continue
+            kept = torch.stack([other.robust[k] for k in keys]).all(dim=0)
+            robust &= kept if other is self else kept.all(dim=0, keepdim=True)
+        return robust
 
     def accuracy(self, robust: torch.Tensor) -> float:
         """Robust accuracy (share of samples robust under every target) from a (sets, n) mask."""
         return float(robust.all(dim=0).double().mean())
+
+
+_EPS_SLACK = 1e-9  # relative: eps values equal up to float noise are the same budget
 
 
 def _jsonable(value: Any) -> Any:

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from robustlab.attacks import PGD
-from robustlab.attacks.base import transfer
+from robustlab.attacks.base import restrict, transfer
 from robustlab.attacks.losses import margin
 
-from .base import CheckResult, ModeEvidence, ModelContext
+from .base import CheckResult, Found, ModeEvidence, ModelContext
 from .stats import wilson
 
 GRADIENT_SAMPLES = 128
@@ -24,6 +24,7 @@ DETERMINISM_SAMPLES = 64
 UNBOUNDED_SAMPLES = {"default": 64, "strict": 256}
 UNBOUNDED_STEPS = 20
 UNBOUNDED_SUCCESS = 0.95  # fail when the success rate's 99% Wilson upper bound is below this
+UNBOUNDED_LABEL = "probe:unbounded"  # its adversarial examples that fit an audit eps, kept as rows
 MINIMAL_MIN_STEPS = 50  # a minimal attack (CW) is judged only with at least this many steps per search step:
                         # fewer (quick CI settings) cannot reach every point even on an honest model
 
@@ -133,4 +134,16 @@ def unbounded(ctx: ModelContext, evidence_by_mode: dict[str, ModeEvidence]) -> C
                 evidence[f"{key}_note"] = f"{steps} steps < {MINIMAL_MIN_STEPS}: reported, not judged"
             failed = failed or (judged and wilson(k, n)[1] < UNBOUNDED_SUCCESS)
     return CheckResult(status="fail" if failed else "pass", evidence=evidence,
-                       seconds=time.perf_counter() - started, **base)
+                       seconds=time.perf_counter() - started, found=_within_budgets(ctx, outcome, idx, evidence_by_mode),
+                       **base)
+
+
+def _within_budgets(ctx: ModelContext, outcome, idx: torch.Tensor, evidence_by_mode: dict) -> list[Found]:
+    """The unbounded PGD's adversarial examples at each audit eps (projected onto the ball, verified):
+    an adversarial example found by a check counts like any attack's (untargeted)."""
+    if "none" not in evidence_by_mode:
+        return []
+    return [Found(label=UNBOUNDED_LABEL, mode="none", eps=float(e),
+                  parts=[(0, idx, restrict(outcome, ctx.mut, ctx.x[idx], ctx.y[idx], float(e), ctx.norm,
+                                           batch_size=ctx.batch_size))])
+            for e in ctx.eps]

@@ -1,12 +1,29 @@
 """Checks that run a stronger or different attack on the points the audit's attacks left robust (4, 5).
 
 Only rows that every attack failed on can lower the worst-case robust accuracy, so the probe
-attack runs on those alone (default: a seeded random subset of them; strict: all). With R such
-rows out of n samples, m probed and b broken, the worst-case robust accuracy would fall by about
-(b / m) R / n. A check fails when the lower end of the 99% Wilson interval of b / m, scaled by
-R / n, exceeds DROP_TOLERANCE: the audit's figure is too high by more than that, beyond chance.
-The probes run only at budgets where the attacks failed (elsewhere the verdict is already
-"not robust" and cannot change).
+attack runs on those alone (default: a seeded random subset of at most PROBE_SAMPLES of them;
+strict: all). With R such rows out of n samples, m probed and b broken:
+
+- every adversarial example the probe finds is verified and kept: the harness writes it to the
+  results as a row of its own ("probe:pgd-strong", "probe:square", "probe:transfer"), so it joins
+  the per-sample worst case, which falls by b / n whatever the check decides;
+- what is left unknown is the R - m rows not probed, where the probe would break about
+  (b / m)(R - m) / n more. The check fails when that estimate exceeds DROP_TOLERANCE, or when the
+  lower end of the 99% Wilson interval of b / m, scaled by R / n, does (the attacks are blind
+  beyond chance). A failed check calls the adaptive attack, which runs on every sample at that eps
+  and every larger one, so the reported figure carries no estimated inflation.
+
+The probes run at every budget with a robust row left, whatever the verdict there: a gate or a
+threshold can read the figure of a "not robust" threat model too. Their cost is bounded by their
+sample caps.
+
+The black-box probe is the Square attack with AutoAttack's published settings
+(robustlab.attacks.square.PUBLISHED: p_init 0.8, the absolute p schedule, 5000 queries), cut to
+SQUARE_QUERIES[level] queries. Cut short (default level) it is only a screen: what it breaks
+counts and can fail the check, but its finding nothing is no evidence, so the check passes only
+where the published Square itself attacked every robust row (strict level, or an audit attack
+such as the standard cascade whose Square member has the published settings); elsewhere it is
+"skipped" with that reason.
 """
 
 from __future__ import annotations
@@ -15,27 +32,24 @@ import time
 
 import torch
 
-from robustlab.attacks import PGD, Attack, Square
+from robustlab.attacks import PGD, Attack, AttackOutcome, Square
 from robustlab.attacks.base import transfer
+from robustlab.attacks.square import PUBLISHED
 
-from .base import CheckResult, ModeEvidence, ModelContext
+from .base import CheckResult, Found, ModeEvidence, ModelContext
 from .stats import wilson
 
 DROP_TOLERANCE = 0.02
 PROBE_SAMPLES = {"default": 64, "strict": None}  # None: every robust row
-SQUARE_QUERIES = {"default": 300, "strict": 1000}
+SQUARE_QUERIES = {"default": 300, "strict": PUBLISHED["queries"]}  # the black-box probe's Square budget
 STREAM = {"convergence": 11, "black-box": 12}
+LABELS = {"convergence": "probe:pgd-strong", "black-box": "probe:square", "transfer": "probe:transfer"}
 
 
-def attacks_failed(ctx: ModelContext, ev: ModeEvidence, eps: float, labels: list[str]) -> bool:
-    clean = float(ctx.clean_correct.double().mean())
-    return ev.accuracy(ev.worst(eps, labels)) >= ctx.robust_fraction * clean - 1e-12
-
-
-def _rows(ctx: ModelContext, ev: ModeEvidence, eps: float, labels: list[str], limit: int | None,
+def _rows(ctx: ModelContext, ev: ModeEvidence, eps: float, limit: int | None,
           stream: int) -> tuple[list[tuple[int, torch.Tensor]], int]:
     """The probed (set, sample positions) and the number R of robust rows they are drawn from."""
-    robust = ev.masks & ev.worst(eps, labels)
+    robust = ev.masks & ev.worst(eps)
     flat = torch.nonzero(robust.reshape(-1)).reshape(-1)
     total = len(flat)
     if limit is not None and total > limit:
@@ -46,9 +60,11 @@ def _rows(ctx: ModelContext, ev: ModeEvidence, eps: float, labels: list[str], li
     return [(int(s), flat[sets == s] % n) for s in sets.unique().tolist()], total
 
 
-def probe(ctx: ModelContext, ev: ModeEvidence, eps: float, attack: Attack, rows, *, source, via_transfer: bool) -> int:
-    """How many of the given rows `attack` breaks (verified on the audited model)."""
+def probe(ctx: ModelContext, ev: ModeEvidence, eps: float, attack: Attack, rows, *, source,
+          via_transfer: bool) -> tuple[int, list[tuple[int, torch.Tensor, AttackOutcome]]]:
+    """How many of the given rows `attack` breaks (verified on the audited model), and the outcomes."""
     broken = 0
+    parts = []
     for set_index, idx in rows:
         targets = ev.targets(set_index)
         t = None if targets is None else targets[idx]
@@ -57,16 +73,26 @@ def probe(ctx: ModelContext, ev: ModeEvidence, eps: float, attack: Attack, rows,
         if via_transfer:
             outcome = transfer(outcome, ctx.mut, ctx.x[idx], ctx.y[idx], batch_size=ctx.batch_size)
         broken += int(outcome.success.sum())
-    return broken
+        parts.append((set_index, idx, outcome))
+    return broken, parts
 
 
 def _judge(b: int, m: int, total: int, n: int) -> tuple[bool, dict]:
     scale = total / n if n else 0.0
     low, high = wilson(b, m) if m else (0.0, 0.0)
+    residual = (b / m) * (total - m) / n if m and n else 0.0
     evidence = {"robust_rows": total, "probed": m, "broken": b,
                 "estimated_drop": (b / m) * scale if m else 0.0, "drop_lower_99": low * scale,
-                "drop_upper_99": high * scale, "tolerance": DROP_TOLERANCE}
-    return low * scale > DROP_TOLERANCE, evidence
+                "drop_upper_99": high * scale, "kept_drop": b / n if n else 0.0, "estimated_residual": residual,
+                "tolerance": DROP_TOLERANCE,
+                "rule": "the broken rows join the worst case; fail when the estimated drop on the rows not probed "
+                        "(estimated_residual), or the 99% lower bound of the drop (drop_lower_99), exceeds tolerance"}
+    return low * scale > DROP_TOLERANCE or residual > DROP_TOLERANCE, evidence
+
+
+def _nothing_to_probe(base: dict) -> CheckResult:
+    return CheckResult(status="skipped", reason="no row is left robust at this eps: the attacks broke every sample",
+                       **base)
 
 
 def stronger_pgd(ctx: ModelContext) -> PGD:
@@ -74,51 +100,94 @@ def stronger_pgd(ctx: ModelContext) -> PGD:
     return baseline.replace(steps=2 * baseline.steps, restarts=baseline.restarts + 1)  # type: ignore[return-value]
 
 
-def convergence(ctx: ModelContext, ev: ModeEvidence, eps: float, labels: list[str]) -> CheckResult:
+def convergence(ctx: ModelContext, ev: ModeEvidence, eps: float) -> CheckResult:
     started = time.perf_counter()
     base = dict(model=ctx.mut.name, check="convergence", norm=ctx.norm, eps=eps, targeted=ev.mode)
-    if not attacks_failed(ctx, ev, eps, labels):
-        return CheckResult(status="skipped", reason="the attacks already broke the model at this eps", **base)
     strong = stronger_pgd(ctx).replace(eps=eps)
-    rows, total = _rows(ctx, ev, eps, labels, PROBE_SAMPLES.get(ctx.level), STREAM["convergence"])
+    rows, total = _rows(ctx, ev, eps, PROBE_SAMPLES.get(ctx.level), STREAM["convergence"])
     m = sum(len(i) for _, i in rows)
-    b = probe(ctx, ev, eps, strong, rows, source=ctx.source, via_transfer=ctx.via_transfer) if m else 0
+    if m == 0:
+        return _nothing_to_probe(base)
+    b, parts = probe(ctx, ev, eps, strong, rows, source=ctx.source, via_transfer=ctx.via_transfer)
     failed, evidence = _judge(b, m, total, len(ctx.y))
-    evidence.update(steps=strong.steps, restarts=strong.restarts, loss=strong.loss)
+    evidence.update(steps=strong.steps, restarts=strong.restarts, loss=strong.loss, kept_as=LABELS["convergence"])
     return CheckResult(status="fail" if failed else "pass", evidence=evidence, seconds=time.perf_counter() - started,
-                       **base)
+                       found=_found(LABELS["convergence"], ev, eps, parts), **base)
 
 
-def square_attack(ctx: ModelContext, eps: float, queries: int) -> Square:
-    return Square(norm=ctx.norm, eps=eps, queries=queries, loss="margin")
+def published_square(ctx: ModelContext, eps: float | None, queries: int | None = None) -> Square:
+    """The Square attack with AutoAttack's published settings (5000 queries, p_init 0.8, absolute schedule);
+    `queries` cuts it short (the same run, stopped earlier)."""
+    settings = dict(PUBLISHED, **({} if queries is None else {"queries": int(queries)}))
+    return Square(norm=ctx.norm, eps=eps, loss="margin", **settings)
 
 
-def black_box(ctx: ModelContext, ev: ModeEvidence, eps: float, labels: list[str]) -> CheckResult:
+def is_published(attack: Attack) -> bool:
+    """A Square at least as strong as the published one: p_init 0.8, absolute schedule, >= 5000 queries."""
+    return (isinstance(attack, Square) and attack.queries >= PUBLISHED["queries"] and not attack.rescale
+            and abs(attack.initial_p - PUBLISHED["p_init"]) < 1e-12)
+
+
+def _published_square_ran(ctx: ModelContext) -> str | None:
+    """The audit attack through which the published Square attacked every row still robust, or None.
+
+    A cascade runs each member on what the earlier ones left, so its Square saw every row robust
+    under the cascade, a superset of the rows robust under every attack. Not for models attacked
+    through a surrogate: there Square queried the surrogate, not the audited model."""
+    if ctx.via_transfer:
+        return None
+    for attack in ctx.attacks:
+        members = attack.members() if callable(getattr(attack, "members", None)) else (attack,)
+        if any(is_published(m) for m in members):
+            return getattr(attack, "label", attack.name)
+    return None
+
+
+def black_box(ctx: ModelContext, ev: ModeEvidence, eps: float) -> CheckResult:
     """Square (score-based) and, in strict mode with a surrogate, transfer, against the white-box worst case."""
     started = time.perf_counter()
     base = dict(model=ctx.mut.name, check="black-box", norm=ctx.norm, eps=eps, targeted=ev.mode)
-    if not attacks_failed(ctx, ev, eps, labels):
-        return CheckResult(status="skipped", reason="the attacks already broke the model at this eps", **base)
-    square = square_attack(ctx, eps, SQUARE_QUERIES.get(ctx.level, 300))
-    rows, total = _rows(ctx, ev, eps, labels, PROBE_SAMPLES.get(ctx.level), STREAM["black-box"])
+    rows, total = _rows(ctx, ev, eps, PROBE_SAMPLES.get(ctx.level), STREAM["black-box"])
     m = sum(len(i) for _, i in rows)
-    b = probe(ctx, ev, eps, square, rows, source=ctx.mut, via_transfer=False) if m else 0
+    if m == 0:
+        return _nothing_to_probe(base)
+    square = published_square(ctx, eps, SQUARE_QUERIES.get(ctx.level, SQUARE_QUERIES["default"]))
+    b, parts = probe(ctx, ev, eps, square, rows, source=ctx.mut, via_transfer=False)
     failed, evidence = _judge(b, m, total, len(ctx.y))
-    evidence = {"square_" + k if k in ("broken", "estimated_drop", "drop_lower_99", "drop_upper_99") else k: v
+    evidence = {"square_" + k if k in ("broken", "estimated_drop", "drop_lower_99", "drop_upper_99", "kept_drop",
+                                       "estimated_residual") else k: v
                 for k, v in evidence.items()}
-    evidence["square_queries"] = square.queries
+    covered = "the probe itself" if is_published(square) else _published_square_ran(ctx)
+    evidence.update(square_queries=square.queries, square_p_init=square.p_init, square_published=is_published(square),
+                    published_square_from=covered, kept_as=LABELS["black-box"])
+    found = _found(LABELS["black-box"], ev, eps, parts)
     failed_by = ["square"] if failed else []
     if ctx.level == "strict":
         if ctx.surrogate is None:
             evidence["transfer"] = "skipped: no surrogate (audit(..., surrogate=module))"
         else:
             pgd = (ctx.attack("pgd") or PGD(norm=ctx.norm)).replace(eps=eps)
-            bt = probe(ctx, ev, eps, pgd, rows, source=ctx.surrogate, via_transfer=True) if m else 0
+            bt, transferred = probe(ctx, ev, eps, pgd, rows, source=ctx.surrogate, via_transfer=True)
             t_failed, t_evidence = _judge(bt, m, total, len(ctx.y))
             evidence.update(transfer_broken=bt, transfer_estimated_drop=t_evidence["estimated_drop"],
-                            transfer_drop_lower_99=t_evidence["drop_lower_99"])
+                            transfer_drop_lower_99=t_evidence["drop_lower_99"],
+                            transfer_estimated_residual=t_evidence["estimated_residual"])
+            found += _found(LABELS["transfer"], ev, eps, transferred)
             if t_failed:
                 failed_by.append("transfer")
     evidence["failed_by"] = failed_by
-    return CheckResult(status="fail" if failed_by else "pass", evidence=evidence,
-                       seconds=time.perf_counter() - started, **base)
+    if failed_by or covered is not None:
+        status, reason = ("fail" if failed_by else "pass"), ""
+        if not failed_by and covered != "the probe itself":
+            reason = f"the published Square (5000 queries) attacked every robust row, in {covered}"
+    else:
+        status = "skipped"
+        reason = (f"inconclusive: a {square.queries}-query Square broke {b} of {m} probed rows (kept in the results), "
+                  "and a Square cut this short finding little is no evidence; the check passes on the published "
+                  "Square (5000 queries): checks='strict', or the standard cascade")
+    return CheckResult(status=status, evidence=evidence, seconds=time.perf_counter() - started, found=found,
+                       reason=reason, **base)
+
+
+def _found(label: str, ev: ModeEvidence, eps: float, parts) -> list[Found]:
+    return [Found(label=label, mode=ev.mode, eps=float(eps), parts=parts)] if parts else []

@@ -78,6 +78,8 @@ def explanation(check: str, status: str, reason: str = "") -> str:
     if status == "fail":
         return CHECKS.get(check, ("", "", ""))[1]
     if status == "skipped":
+        if reason.startswith("inconclusive: "):  # it ran, but what it found cannot make it pass
+            return "Inconclusive: " + reason[len("inconclusive: "):]
         return f"Not run: {reason}" if reason else "Not run."
     return "Passed." + (f" {reason}" if reason else "")
 

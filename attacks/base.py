@@ -127,12 +127,7 @@ class Attack:
         batch_size: int | None = None,
     ) -> AttackOutcome:
         """Attack the samples (x, y) (toward `targets` if given) and return a verified outcome."""
-        if not isinstance(model, ModelUnderTest):
-            raise InputError("model", f"expected a robustlab ModelUnderTest, got {type(model).__name__}; "
-                                      "wrap it with robustlab.wrap(module, bounds=...)")
-        x, y, targets, sample_ids = validate_batch(model, x, y, targets, sample_ids)
-        eps = self._validated_eps(model, x)
-        self.validate()
+        x, y, targets, sample_ids, eps = self.prepare(model, x, y, targets, sample_ids)
         runner = BatchRunner(batch_size, model.device, x[0].numel())
         started = time.perf_counter()
         with model.evaluating():
@@ -140,6 +135,17 @@ class Attack:
                 model, x[a:b], y[a:b], None if targets is None else targets[a:b], sample_ids[a:b], eps, seed))
         seconds = time.perf_counter() - started
         return _concat(self.name, self.geometry.name, eps, parts, targets, seconds, runner.batch_size)
+
+    def prepare(self, model: ModelUnderTest, x, y, targets, sample_ids):
+        """Every check before work starts: the model, inputs, labels, targets, ids, eps, options.
+        Returns (x, y, targets, sample_ids, eps) as the attack will use them."""
+        if not isinstance(model, ModelUnderTest):
+            raise InputError("model", f"expected a robustlab ModelUnderTest, got {type(model).__name__}; "
+                                      "wrap it with robustlab.wrap(module, bounds=...)")
+        x, y, targets, sample_ids = validate_batch(model, x, y, targets, sample_ids)
+        eps = self._validated_eps(model, x)
+        self.validate()
+        return x, y, targets, sample_ids, eps
 
     def validate(self) -> None:
         """Subclasses check their own options here (raise InputError)."""

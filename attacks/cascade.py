@@ -30,7 +30,7 @@ from robustlab.errors import InputError
 from robustlab.model import ModelUnderTest
 
 from .apgd import APGD, APGDT
-from .base import Attack, AttackOutcome, validate_batch
+from .base import Attack, AttackOutcome
 from .square import Square
 
 
@@ -77,12 +77,7 @@ class Cascade(Attack):
 
     def __call__(self, model: ModelUnderTest, x, y, targets=None, *, sample_ids=None, seed: int = 0,
                  batch_size: int | None = None) -> CascadeOutcome:
-        if not isinstance(model, ModelUnderTest):
-            raise InputError("model", f"expected a robustlab ModelUnderTest, got {type(model).__name__}; "
-                                      "wrap it with robustlab.wrap(module, bounds=...)")
-        x, y, targets, sample_ids = validate_batch(model, x, y, targets, sample_ids)
-        eps = self._validated_eps(model, x)
-        self.validate()
+        x, y, targets, sample_ids, eps = self.prepare(model, x, y, targets, sample_ids)
         started = time.perf_counter()
         n = len(x)
         merged: AttackOutcome | None = None

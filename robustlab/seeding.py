@@ -32,13 +32,26 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def stream_key(seed: int, stream: int) -> int:
-    """Fold a run seed and a stream id (what the numbers are for) into one 32-bit key."""
-    key = torch.tensor([(seed & _MASK32) ^ _mul32_int(stream + 1, 0x9E3779B9)], dtype=torch.int64)
-    return int(_mix32(_mix32(key) ^ ((seed >> 32) & _MASK32))[0])
+    """Fold a run seed and a stream id (what the numbers are for) into one 32-bit key.
+
+    Pure Python integers (the same values as _mix32 on tensors): attacks call this once per
+    iteration, where building a tensor cost more than the draw itself.
+    """
+    key = (seed & _MASK32) ^ _mul32_int(stream + 1, 0x9E3779B9)
+    return _mix32_int(_mix32_int(key) ^ ((seed >> 32) & _MASK32))
 
 
 def _mul32_int(x: int, constant: int) -> int:
     return (x * constant) & _MASK32
+
+
+def _mix32_int(x: int) -> int:
+    """_mix32 on one Python integer below 2**32."""
+    x ^= x >> 16
+    x = _mul32_int(x, 0x7FEB352D)
+    x ^= x >> 15
+    x = _mul32_int(x, 0x846CA68B)
+    return x ^ (x >> 16)
 
 
 def uniform(

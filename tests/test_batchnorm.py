@@ -24,45 +24,14 @@ from torch import nn
 import robustlab
 from robustlab.cli import main
 from robustlab.data import digits_split
-from robustlab.imports import load_object
 from robustlab.model import file_sha256, state_dict_sha256, tensor_bytes
 from robustlab.training import seeded_init, train_classifier
+from bn_resnet import tiny_resnet
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MODEL_SOURCE = '''
-"""A tiny BatchNorm ResNet for 1x8x8 digits: a stem and two residual blocks."""
-import torch
-from torch import nn
-
-
-class Block(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-
-    def forward(self, x):
-        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-
-class TinyResNet(nn.Module):
-    def __init__(self, width=8, classes=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.blocks = nn.Sequential(Block(width), Block(width))
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-
-
-def tiny_resnet():
-    return TinyResNet()
-'''
+MODEL_FILE = Path(__file__).with_name("bn_resnet.py")  # the model: a stem and two residual blocks
 
 PLUGIN_CONFTEST = """
 import sys
@@ -72,7 +41,7 @@ from safetensors.torch import load_file
 from robustlab.data import load_data
 
 sys.path.insert(0, {folder!r})
-from tiny_resnet import tiny_resnet
+from bn_resnet import tiny_resnet
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -107,20 +76,18 @@ def test_resnet_gate(robustlab, model, data):
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory) -> dict:
-    """The model's source file, trained weights (safetensors), and a small .npz of test digits."""
+    """The trained model, its weights (safetensors) and a small .npz of test digits."""
     import numpy as np
     from safetensors.torch import save_file
 
     folder = tmp_path_factory.mktemp("resnet")
-    source = folder / "tiny_resnet.py"
-    source.write_text(MODEL_SOURCE)
-    factory = load_object(f"{source}:tiny_resnet", argument="model")
-    net = train_classifier(seeded_init(factory, 0), digits_split("train"), epochs=8, lr=1e-2, seed=0)
+    source = MODEL_FILE
+    net = train_classifier(seeded_init(tiny_resnet, 0), digits_split("train"), epochs=8, lr=1e-2, seed=0)
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "w.safetensors"))
     test = digits_split("test").head(40)
     np.savez(folder / "digits.npz", x=test.x.numpy(), y=test.y.numpy())
-    return {"folder": str(folder), "source": str(source), "factory": factory, "net": net,
+    return {"folder": str(MODEL_FILE.parent), "source": str(source), "net": net,
             "weights": str(folder / "w.safetensors"), "data": str(folder / "digits.npz"), "test": test}
 
 

@@ -231,6 +231,28 @@ class ModelUnderTest:
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
+    def require_finite(self, outputs: torch.Tensor, *, sample_ids: torch.Tensor | None = None,
+                       what: str = "inputs") -> None:
+        """Raise NonFiniteOutputError, naming the samples, if any of `outputs` is NaN or infinite.
+
+        For a funnel that scores outputs (e.g. attack verification): `outputs` is (n, classes) or
+        (draws, n, classes); `sample_ids` (n,) names the rows in the message. One reduction and one
+        host sync, so call it where the outputs are about to be moved to the host anyway.
+        """
+        o = outputs.detach()
+        if o.dim() == 1:
+            o = o.unsqueeze(1)
+        n = o.shape[-2]
+        finite = torch.isfinite(o.reshape(-1, n, o.shape[-1]).sum(dim=-1, dtype=torch.float64)).all(dim=0)
+        if bool(finite.all()):
+            return
+        bad = torch.nonzero(~finite).reshape(-1).cpu()
+        ids = bad if sample_ids is None else torch.as_tensor(sample_ids).reshape(-1).cpu()[bad]
+        raise NonFiniteOutputError(
+            f"{self.name!r} returned NaN or infinite outputs on {len(bad)} of {n} {what} (e.g. sample "
+            f"{int(ids[0])}), inside the bounds {self.bounds.describe()}. Non-finite outputs cannot be scored "
+            "(argmax would call them class 0); look for a log, square root or division of the input in the model.")
+
     # ------------------------------------------------------------------ mode
     @contextlib.contextmanager
     def evaluating(self) -> Iterator["ModelUnderTest"]:

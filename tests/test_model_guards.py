@@ -222,6 +222,18 @@ def test_cli_non_finite_outputs_exit_2_and_write_nothing(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_require_finite_names_the_samples_for_a_verification_funnel():
+    mut = ModelUnderTest(digits_model())
+    logits = torch.randn(3, 5, 10)  # (draws, n, classes)
+    mut.require_finite(logits, sample_ids=torch.arange(100, 105))
+    logits[1, 3, 7] = float("nan")
+    logits[0, 4, 0] = float("-inf")
+    with pytest.raises(NonFiniteOutputError, match=r"on 2 of 5 adversarial examples \(e\.g\. sample 103\)"):
+        mut.require_finite(logits, sample_ids=torch.arange(100, 105), what="adversarial examples")
+    with pytest.raises(NonFiniteOutputError, match=r"on 1 of 5 inputs \(e\.g\. sample 3\)"):
+        mut.require_finite(logits[1])
+
+
 def test_finite_models_are_unchanged_by_the_guard():
     """Same outcome bit for bit with the guard recording or not (it only reads the outputs)."""
     data = digits_test(60)

@@ -1,7 +1,8 @@
 """The standard attack cascade (Croce & Hein 2020, AutoAttack's "standard" version), as one attack.
 
     remaining = every sample
-    for member in (APGD-CE, APGD-T over the 9 most likely wrong classes, Square with 5000 queries):
+    for member in (APGD-CE, APGD-T over the 9 most likely wrong classes, Square as AutoAttack runs it:
+                   5000 queries, p_init 0.8, the absolute p schedule; attacks.square.PUBLISHED):
         outcome = member(remaining)                    (verified like every attack)
         remaining = remaining where the member failed
     per sample: the first member's adversarial input that fools the model, else the last attempt
@@ -31,14 +32,15 @@ from robustlab.model import ModelUnderTest
 
 from .apgd import APGD, APGDT
 from .base import Attack, AttackOutcome
-from .square import Square
+from .square import PUBLISHED, Square
 
 
 def members(suite: str, norm: str) -> tuple[Attack, ...]:
     """The attacks of a suite, in cascade order, for one norm."""
     if suite == "standard":
         return (APGD(norm=norm, steps=100, loss="ce"), APGDT(norm=norm, steps=100, n_targets=9),
-                Square(norm=norm, queries=5000, p_init=0.8, loss="margin"))
+                Square(norm=norm, loss="margin", queries=int(PUBLISHED["queries"]), p_init=float(PUBLISHED["p_init"]),
+                       rescale=bool(PUBLISHED["rescale"])))
     if suite == "quick":
         return (APGD(norm=norm, steps=25, loss="ce"), APGDT(norm=norm, steps=25, n_targets=3))
     raise InputError("suite", f"expected one of {', '.join(SUITES)}, got {suite!r}")

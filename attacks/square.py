@@ -178,21 +178,32 @@ class _Run:
         best = self.contained(x, self.clip(x + self.init(x, ids)))
         best_loss, done = self.loss(best, y, targets)
         queries = torch.ones(n, dtype=torch.int64, device=x.device)
+        if self.linf:  # every Linf candidate pixel is x +- eps, contained: compute both planes once
+            self.faces = (self.contained(x, self.clip(x + self.eps)), self.contained(x, self.clip(x - self.eps)))
         total = self.config.queries
         for it in range(1, total):
             act = torch.nonzero(~done).reshape(-1)
             if act.numel() == 0:
                 break
             p = p_selection(self.config.initial_p, it - 1, total, self.config.rescale)
-            xa, ba = x[act], best[act]
-            ya, ta, ia = y[act], None if targets is None else targets[act], ids[act]
-            step = self.linf_step if self.linf else self.l2_step
-            candidate = self.contained(xa, step(xa, ba, ia, it, p))
+            everyone = act.numel() == n  # skip the gathers and scatters while no sample is done
+            xa, ba = (x, best) if everyone else (x[act], best[act])
+            ya = y if everyone else y[act]
+            ta = None if targets is None else (targets if everyone else targets[act])
+            ia = ids if everyone else ids[act]
+            if self.linf:
+                candidate = self.linf_step(act, ba, ia, it, p, everyone)
+            else:
+                candidate = self.contained(xa, self.l2_step(xa, ba, ia, it, p))
             value, hit = self.loss(candidate, ya, ta)
-            accepted = (value < best_loss[act]) | hit  # a success is kept even if its loss is not lower
-            best[act] = torch.where(accepted.reshape(-1, 1, 1, 1), candidate, ba)
-            best_loss[act] = torch.where(accepted, value, best_loss[act])
-            done[act] = hit
+            old_loss = best_loss if everyone else best_loss[act]
+            accepted = (value < old_loss) | hit  # a success is kept even if its loss is not lower
+            new_best = torch.where(accepted.reshape(-1, 1, 1, 1), candidate, ba)
+            new_loss = torch.where(accepted, value, old_loss)
+            if everyone:
+                best, best_loss, done = new_best, new_loss, hit
+            else:
+                best[act], best_loss[act], done[act] = new_best, new_loss, hit
             queries[act] += 1
         return best, best_loss, done, queries
 
@@ -233,29 +244,32 @@ class _Run:
 
     def position(self, it: int, slot: int, ids, x, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         _, _, h, w = x.shape
-        u = self.uniform(it, slot, ids, (2,), x)
-        top = (u[:, 0] * (h - size[0] + 1)).floor().long().clamp_max(h - size[0])
-        left = (u[:, 1] * (w - size[1] + 1)).floor().long().clamp_max(w - size[1])
-        return top, left
+        return _positions(self.uniform(it, slot, ids, (2,), x), size, h, w)
 
-    def linf_step(self, x, best, ids, it, p):
-        n, c, h, w = x.shape
+    def linf_step(self, act, best, ids, it, p, everyone: bool):
+        """best with one s x s window set to x +- eps (one sign per channel), contained.
+
+        The signs are redrawn (LINF_SIGN_TRIES times, then negated) where they would leave the
+        window unchanged, as the reference redraws them until the candidate differs from x_best.
+        """
+        n, c, h, w = best.shape
+        up, down = self.faces if everyone else (self.faces[0][act], self.faces[1][act])
         size = self.window(p, h, w, c, minimum=1, odd=False, cap_below_size=True)
-        top, left = self.position(it, 0, ids, x, size)
+        u = self.uniform(it, 0, ids, (2 + LINF_SIGN_TRIES * c,), best)
+        top, left = _positions(u[:, :2], size, h, w)
         mask = _window_mask(top, left, size, h, w)  # (n, 1, h, w)
-        signs = self.signs(it, 1, ids, c, x)
+        draws = (u[:, 2:] < 0.5).reshape(n, LINF_SIGN_TRIES, c, 1, 1)  # True: +eps
+        positive = draws[:, 0]
+        trial = torch.where(mask, torch.where(positive, up, down), best)
         for attempt in range(1, LINF_SIGN_TRIES + 1):
-            trial = torch.where(mask, self.contained(x, self.clip(x + signs * self.eps)), best)
             unchanged = ~((trial != best) & mask).reshape(n, -1).any(dim=1)
             if not bool(unchanged.any()):
-                return trial
+                break
             # negated signs always change a window of constant signs that they left unchanged
-            redraw = self.signs(it, 1 + attempt, ids, c, x) if attempt < LINF_SIGN_TRIES else -signs
-            signs = torch.where(unchanged.reshape(-1, 1, 1, 1), redraw, signs)
-        return torch.where(mask, self.contained(x, self.clip(x + signs * self.eps)), best)
-
-    def signs(self, it: int, slot: int, ids, c: int, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.uniform(it, slot, ids, (c, 1, 1), x) < 0.5, -1.0, 1.0).to(x.dtype)
+            redraw = draws[:, attempt] if attempt < LINF_SIGN_TRIES else ~positive
+            positive = torch.where(unchanged.reshape(-1, 1, 1, 1), redraw, positive)
+            trial = torch.where(mask, torch.where(positive, up, down), best)
+        return trial
 
     def l2_step(self, x, best, ids, it, p):
         n, c, h, w = x.shape
@@ -304,6 +318,13 @@ def _canonical_bound(b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def _norm(delta: torch.Tensor) -> torch.Tensor:
     return delta.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()
+
+
+def _positions(u: torch.Tensor, size: tuple[int, int], h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-left corners uniform over every position where a window of `size` fits, from u (n, 2)."""
+    top = (u[:, 0] * (h - size[0] + 1)).floor().long().clamp_max(h - size[0])
+    left = (u[:, 1] * (w - size[1] + 1)).floor().long().clamp_max(w - size[1])
+    return top, left
 
 
 def _window_mask(top, left, size, h, w) -> torch.Tensor:

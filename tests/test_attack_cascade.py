@@ -5,13 +5,15 @@ evaluation; torchattacks 3.5.1 ships a port of it (installed with `--no-deps` in
 environment). On PGD-trained digits CNNs (Linf eps 0.2 and L2 eps 1.0, trained here with the
 project's own `adversarial_training`, seeded) and on the undefended CNN, 300 test samples: the
 cascade's robust accuracy is never more than 0.5 points above the reference's, and APGD-CE alone
-matches the reference APGD-CE within noise over 3 seeds. Slow (a few minutes): marked `slow`,
+matches the reference APGD-CE within noise over 5 seeds. Slow (a few minutes): marked `slow`,
 run in CI.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import statistics
 
 import pytest
 import torch
@@ -80,26 +82,35 @@ def test_cascade_is_never_above_autoattack(kind, norm, eps, check_outcome):
     assert ours <= theirs + SLACK, f"robustlab reports {ours:.4f} robust, AutoAttack {theirs:.4f}"
 
 
-@pytest.mark.parametrize("kind,norm,eps", [
-    pytest.param("pgd-at-linf", "linf", 0.2, marks=pytest.mark.xfail(strict=True, reason=(
-        "known defect, open in issue 11: APGD-CE alone is 1.1 points weaker than the reference here "
-        "(0.4867 vs 0.4756 over 3 seeds); the cascade is not (0.440 vs 0.460)"))),
-    ("pgd-at-l2", "l2", 1.0)])
+SEEDS = 5
+Z_ONE_SIDED_99 = 2.326  # ours may not be weaker than the reference by more than this many standard errors
+
+
+@pytest.mark.parametrize("kind,norm,eps", [("pgd-at-linf", "linf", 0.2), ("pgd-at-l2", "l2", 1.0)])
 def test_apgd_ce_matches_the_reference_on_adversarially_trained_models(kind, norm, eps):
-    """Where weak attacks hide: APGD-CE alone, 3 seeds each, against the reference APGD-CE."""
+    """Where weak attacks hide: APGD-CE alone, 5 seeds each, against the reference APGD-CE.
+
+    A single seed's robust accuracy moves by about 0.8 points from seed to seed on these models
+    (300 samples), so 3 seeds cannot tell a 1-point difference from noise: with seeds 0-2 the
+    Linf case read 0.4867 against 0.4756, with seeds 0-9 0.4827 against 0.4807. The test asks
+    that robustlab's mean is not significantly above the reference's (one-sided, 99%, standard
+    error from the seeds' spread), and never more than 1 point above it whatever the spread.
+    """
     module = _model(kind)
     x, y = _samples()
     mut = ModelUnderTest(module, bounds=(0.0, 1.0), name=kind)
     with torch.no_grad():
         correct = module(x).argmax(1) == y
     ours, theirs = [], []
-    for seed in range(3):
+    for seed in range(SEEDS):
         outcome = APGD(eps=eps, norm=norm, steps=100)(mut, x, y, seed=seed)
         ours.append(float((~outcome.success & correct).double().mean()))
         reference = torchattacks.APGD(module, norm="Linf" if norm == "linf" else "L2", eps=eps, steps=100,
                                       seed=seed, loss="ce")
         theirs.append(float(_reference_robust(module, reference(x, y), x, y).double().mean()))
-    mean_ours, mean_theirs = sum(ours) / 3, sum(theirs) / 3
+    mean_ours, mean_theirs = statistics.mean(ours), statistics.mean(theirs)
+    standard_error = math.sqrt((statistics.variance(ours) + statistics.variance(theirs)) / SEEDS)
     print(f"APGD-CE {kind} {norm} eps={eps:g}: robustlab {ours} (mean {mean_ours:.4f}), reference {theirs} "
-          f"(mean {mean_theirs:.4f})")
-    assert mean_ours <= mean_theirs + 0.01 and abs(mean_ours - mean_theirs) <= 0.02
+          f"(mean {mean_theirs:.4f}), standard error of the difference {standard_error:.4f}")
+    assert mean_ours - mean_theirs <= Z_ONE_SIDED_99 * standard_error, "APGD-CE significantly weaker than the reference"
+    assert mean_ours - mean_theirs <= 0.01

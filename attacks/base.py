@@ -170,7 +170,8 @@ class Attack:
         eps_t = None if eps is None else torch.full((len(x),), eps, dtype=torch.float64, device=model.device)
         result = self._perturb(model, x, y, targets, ids, eps, seed)
         return finalize(model, x, y, targets, result.x_adv.detach(), eps_t, self.geometry,
-                        attack=self.name, gradient_calls=result.gradient_calls, draws=self.verification_draws)
+                        attack=self.name, gradient_calls=result.gradient_calls, draws=self.verification_draws,
+                        sample_ids=ids)
 
     def _perturb(self, model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
                  sample_ids: torch.Tensor, eps: float | None, seed: int) -> Perturbed:
@@ -179,16 +180,18 @@ class Attack:
 
 def finalize(model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
              x_adv: torch.Tensor, eps: torch.Tensor | None, norm: Norm, *, attack: str,
-             gradient_calls: torch.Tensor | int, draws: int = 1) -> dict:
+             gradient_calls: torch.Tensor | int, draws: int = 1, sample_ids: torch.Tensor | None = None) -> dict:
     """Contain, verify and re-check one batch. Returns CPU tensors for packaging.
 
     draws > 1 (randomised models): the prediction is the expected one, the argmax of the mean
     softmax over `draws` fresh passes (it decides success, like one pass does for a deterministic
-    model), and success_probability the fraction of the draws that were fooled.
+    model), and success_probability the fraction of the draws that were fooled. NaN or infinite
+    outputs stop the audit naming the samples (sample_ids), instead of scoring them as class 0.
     """
     x_adv = contain(x, x_adv.to(x.dtype), eps, norm, model.bounds)
     check_contained(x, x_adv, eps, norm, model.bounds, attack=attack)
     logits = draw_logits(model, x_adv, draws)
+    model.require_finite(logits, sample_ids=sample_ids, what=f"adversarial inputs of {attack}")
     probs = torch.softmax(logits.double(), dim=2).mean(0)
     confidence, pred = probs.max(dim=1)
     k = len(logits)

@@ -123,7 +123,7 @@ def main() -> None:
         row = {"model": kind, "norm": norm, "eps": eps, "robustlab": ours, "torchattacks": robust(module, x_ta, x, y),
                "robustlab_s": ours_s, "torchattacks_s": ta_s, "members": outcome.member_seconds}
         if original is not None:
-            reference = original(module, norm=big, eps=eps, version="standard", seed=0, verbose=False)
+            reference = original(module, norm=big, eps=eps, version="standard", seed=0, verbose=False, device="cpu")
             x_fr, fr_s = timed(lambda: reference.run_standard_evaluation(x, y, bs=len(x)))
             row.update(fra31=robust(module, x_fr, x, y), fra31_s=fr_s)
         _, apgd_s = timed(lambda: APGD(eps=eps, norm=norm, steps=100)(mut, x, y))

@@ -11,9 +11,11 @@
         the last checkpoint, or whose step size was not halved last time and whose best
         objective has not improved since.
 
-P is the projection onto the eps ball followed by clipping to the box. Per sample the latest
-iterate that fools the model is kept; success is judged as misclassification (untargeted) or
-hitting the target (targeted), on the same forward pass the gradient comes from.
+P is the projection onto the eps ball followed by clipping to the box. Success is judged as
+misclassification (untargeted) or hitting the target (targeted), on the same forward pass the
+gradient comes from. A fooled sample leaves the run with the iterate that fooled it (on an
+accelerator, where leaving costs a host sync, at the next checkpoint with its latest fooling
+iterate): the rest of its trajectory cannot change the result, and the others' do not depend on it.
 
 Two members of the standard cascade (robustlab.attacks.cascade) are built on it:
 - `APGD` ("apgd-ce"): the cross-entropy loss (or "dlr", "margin"), untargeted or toward given targets;
@@ -25,8 +27,10 @@ Two members of the standard cascade (robustlab.attacks.cascade) are built on it:
 Differences from the reference code (fra31/auto-attack, autopgd_base.py), all deliberate:
 - randomness is per sample (robustlab.seeding keyed by seed, restart, target rank and sample id),
   so results do not depend on batch size or order;
-- the checkpoint loop has no host synchronisation (masks on the device); restarts and target
-  groups run only on the samples still not fooled (one sync between them, as the reference);
+- fooled samples leave the batch (the reference runs all of them for every iteration): on the
+  undefended digits CNN at Linf eps 0.2 APGD-CE took 2.9 s for 300 samples, now a fraction;
+- on accelerators the loop syncs with the host only at checkpoints; restarts and target groups
+  run only on the samples still not fooled (one sync between them, as the reference);
 - the oscillation count of the first checkpoint compares the first step with the starting point
   (the reference compares it with a zero-filled row);
 - iterates of float16 / bfloat16 models are kept in float32 and cast for each forward pass, so a
@@ -36,7 +40,7 @@ Differences from the reference code (fra31/auto-attack, autopgd_base.py), all de
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -53,6 +57,7 @@ APGD_STREAM = 9_000_000  # + 64 * restart + target rank; see robustlab.seeding
 RHO = 0.75
 MOMENTUM = 0.75
 INITIAL_STEP = 2.0  # eta_0 = 2 eps (Linf and L2)
+SYNC_FREE_DEVICES = ("cpu",)  # a host sync per iteration costs nothing here: fooled samples leave at once
 
 
 def checkpoint_schedule(steps: int) -> tuple[int, int, int]:
@@ -90,11 +95,11 @@ class APGD(Attack):
             if idx.numel() == 0:
                 break
             tb = None if targets is None else targets[idx]
-            adv, hit = run_apgd(self, model, x[idx], y[idx], tb, tb, sample_ids[idx], eps, seed,
-                                stream=APGD_STREAM + 64 * restart)
+            adv, hit, evaluations = run_apgd(self, model, x[idx], y[idx], tb, tb, sample_ids[idx], eps, seed,
+                                             stream=APGD_STREAM + 64 * restart)
             best[idx] = torch.where(expand_per_sample(hit, adv), adv.to(best.dtype), best[idx])
             found[idx] = found[idx] | hit
-            calls += len(idx) * (self.steps + 1) * self.eot_samples
+            calls += evaluations
         return Perturbed(best, gradient_calls=calls)
 
 
@@ -135,15 +140,15 @@ class APGDT(APGD):
                 eps_n = torch.full((n,), float(eps), dtype=torch.float64, device=x.device)
                 start = torch.cat([_start(self.geometry.name, eps_n, sample_ids[idx], tuple(x.shape[1:]), seed,
                                           APGD_STREAM + 64 * restart + 1 + r, _working(x).dtype) for r in ranks])
-                adv, hit = run_apgd(self, model, x[rows], y[rows], aims, None, sample_ids[rows], eps, seed,
-                                    stream=0, start=start)
+                adv, hit, evaluations = run_apgd(self, model, x[rows], y[rows], aims, None, sample_ids[rows], eps,
+                                                 seed, stream=0, start=start)
                 hits = hit.reshape(len(ranks), n)
                 first_hit = hits.float().argmax(dim=0)  # the most likely target that worked
                 chosen = adv.reshape(len(ranks), n, *x.shape[1:])[first_hit, torch.arange(n, device=x.device)]
                 any_hit = hits.any(dim=0)
                 best[idx] = torch.where(expand_per_sample(any_hit, chosen), chosen.to(best.dtype), best[idx])
                 found[idx] = found[idx] | any_hit
-                calls += len(rows) * (self.steps + 1) * self.eot_samples
+                calls += evaluations
         return Perturbed(best, gradient_calls=calls)
 
 
@@ -175,79 +180,149 @@ def _start(norm: str, eps_t: torch.Tensor, ids: torch.Tensor, shape: tuple[int, 
 
 def run_apgd(attack: APGD, model, x: torch.Tensor, y: torch.Tensor, aims: torch.Tensor | None,
              judged: torch.Tensor | None, ids: torch.Tensor, eps: float, seed: int, *, stream: int,
-             start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One APGD run on a batch: (latest fooling iterate, else the best-objective point; fooled mask).
+             start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One APGD run on a batch: (first fooling iterate, else the best-objective point; fooled mask;
+    gradient evaluations spent, summed over samples).
 
     aims: the targets the objective ascends toward (None: untargeted objective); judged: the
     targets success is judged against (None: misclassification). APGD-T ascends toward aims and
     is judged untargeted; everything else has aims == judged. start: the random start's
     perturbation, when the caller draws it (APGD-T: one stream per target rank).
+
+    A fooled sample leaves the batch (see _Active): its trajectory no longer matters, and each
+    sample's iterates depend only on itself, so the others' are unchanged.
     """
     norm = attack.geometry.name
     xw = _working(x)
     low, high = (b.to(xw.dtype) for b in model.bounds.tensors(xw))
     eps_t = torch.full((len(x),), float(eps), dtype=xw.dtype, device=x.device)
-    e = expand_per_sample(eps_t, xw)
 
-    def project(v: torch.Tensor) -> torch.Tensor:
+    def project(s: "_Active", v: torch.Tensor) -> torch.Tensor:
         if norm == "linf":
-            return torch.minimum(torch.maximum(torch.minimum(torch.maximum(v, xw - e), xw + e), low), high)
-        delta = v - xw
+            e = expand_per_sample(s.eps, s.x)
+            return torch.minimum(torch.maximum(torch.minimum(torch.maximum(v, s.x - e), s.x + e), low), high)
+        delta = v - s.x
         length = flat(delta).norm(dim=1)
-        factor = torch.where(length > eps_t, eps_t / length.clamp_min(1e-12), torch.ones_like(length))
-        return torch.minimum(torch.maximum(xw + delta * expand_per_sample(factor, delta), low), high)
+        factor = torch.where(length > s.eps, s.eps / length.clamp_min(1e-12), torch.ones_like(length))
+        return torch.minimum(torch.maximum(s.x + delta * expand_per_sample(factor, delta), low), high)
 
     def steepest(g: torch.Tensor) -> torch.Tensor:
         if norm == "linf":
             return g.sign()
         return g / expand_per_sample(flat(g).norm(dim=1).clamp_min(1e-12), g)
 
-    def evaluate(point: torch.Tensor):
-        logits, value, grad = expected_loss_and_gradient(model, point, y, aims, attack.loss, attack.eot_samples)
-        return value.to(xw.dtype), grad.to(xw.dtype), succeeded(logits, y, judged)
+    def evaluate(s: "_Active", point: torch.Tensor):
+        logits, value, grad = expected_loss_and_gradient(model, point, s.y, s.aims, attack.loss, attack.eot_samples)
+        return value.to(xw.dtype), grad.to(xw.dtype), succeeded(logits, s.y, s.judged)
 
     steps = attack.steps
     gap, decrease, smallest = checkpoint_schedule(steps)
     if start is None:
         start = _start(norm, eps_t, ids, tuple(x.shape[1:]), seed, stream, xw.dtype)
-    x_adv = project(xw + start)
-    value, grad, hit = evaluate(x_adv)
-    found = hit.clone()
-    fooling = x_adv.clone()
-    best_value, x_best, grad_best = value.clone(), x_adv.clone(), grad.clone()
-    step = torch.full((len(x),), INITIAL_STEP * float(eps), dtype=xw.dtype, device=x.device)
-    previous_value = value
-    increases = torch.zeros(len(x), dtype=xw.dtype, device=x.device)
-    best_at_last_check = best_value.clone()
-    reduced_last_check = torch.ones(len(x), dtype=torch.bool, device=x.device)
-    x_old = x_adv
+    result = xw.clone()
+    found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    s = _Active(rows=torch.arange(len(x), device=x.device), x=xw, y=y, aims=aims, judged=judged, eps=eps_t)
+    s.x_adv = project(s, xw + start)
+    value, s.grad, hit = evaluate(s, s.x_adv)
+    evaluations = s.size * attack.eot_samples
+    s.best_value, s.x_best, s.grad_best = value.clone(), s.x_adv.clone(), s.grad.clone()
+    s.step = torch.full((len(x),), INITIAL_STEP * float(eps), dtype=xw.dtype, device=x.device)
+    s.previous_value = value
+    s.increases = torch.zeros(len(x), dtype=xw.dtype, device=x.device)
+    s.best_at_last_check = s.best_value.clone()
+    s.reduced_last_check = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    s.x_old = s.x_adv
+    s = _retire(s, hit, s.x_adv, result, found)
+    prune_every_step = x.device.type in SYNC_FREE_DEVICES  # elsewhere fooled samples leave at checkpoints
     since_check = 0
     for i in range(steps):
-        z = project(x_adv + expand_per_sample(step, xw) * steepest(grad))
+        if s.size == 0:
+            break
+        z = project(s, s.x_adv + expand_per_sample(s.step, s.x) * steepest(s.grad))
         a = 1.0 if i == 0 else MOMENTUM
-        x_new = project(x_adv + a * (z - x_adv) + (1.0 - a) * (x_adv - x_old))
-        x_old, x_adv = x_adv, x_new
-        value, grad, hit = evaluate(x_adv)
-        fooling = torch.where(expand_per_sample(hit, xw), x_adv, fooling)
-        found = found | hit
-        increases = increases + (value > previous_value).to(xw.dtype)
-        previous_value = value
-        improved = value > best_value
-        x_best = torch.where(expand_per_sample(improved, xw), x_adv, x_best)
-        grad_best = torch.where(expand_per_sample(improved, xw), grad, grad_best)
-        best_value = torch.where(improved, value, best_value)
+        x_new = project(s, s.x_adv + a * (z - s.x_adv) + (1.0 - a) * (s.x_adv - s.x_old))
+        s.x_old, s.x_adv = s.x_adv, x_new
+        value, s.grad, hit = evaluate(s, s.x_adv)
+        evaluations += s.size * attack.eot_samples
+        point = s.x_adv  # where `hit` was judged (the checkpoint below may move x_adv)
+        s.increases = s.increases + (value > s.previous_value).to(xw.dtype)
+        s.previous_value = value
+        improved = value > s.best_value
+        s.x_best = torch.where(expand_per_sample(improved, s.x), s.x_adv, s.x_best)
+        s.grad_best = torch.where(expand_per_sample(improved, s.x), s.grad, s.grad_best)
+        s.best_value = torch.where(improved, value, s.best_value)
         since_check += 1
-        if since_check == gap:
-            oscillating = increases <= gap * attack.rho
-            stalled = ~reduced_last_check & (best_at_last_check >= best_value)
+        checkpoint = since_check == gap
+        if checkpoint:
+            oscillating = s.increases <= gap * attack.rho
+            stalled = ~s.reduced_last_check & (s.best_at_last_check >= s.best_value)
             reduce = oscillating | stalled
-            reduced_last_check = reduce
-            best_at_last_check = best_value.clone()
-            step = torch.where(reduce, step / 2.0, step)
-            x_adv = torch.where(expand_per_sample(reduce, xw), x_best, x_adv)
-            grad = torch.where(expand_per_sample(reduce, xw), grad_best, grad)
+            s.reduced_last_check = reduce
+            s.best_at_last_check = s.best_value.clone()
+            s.step = torch.where(reduce, s.step / 2.0, s.step)
+            s.x_adv = torch.where(expand_per_sample(reduce, s.x), s.x_best, s.x_adv)
+            s.grad = torch.where(expand_per_sample(reduce, s.x), s.grad_best, s.grad)
             gap = max(gap - decrease, smallest)
             since_check = 0
-            increases = torch.zeros_like(increases)
-    result = torch.where(expand_per_sample(found, xw), fooling, x_best)
-    return result, found
+            s.increases = torch.zeros_like(s.increases)
+        if prune_every_step or checkpoint or i == steps - 1:
+            s = _retire(s, hit, point, result, found)
+        else:  # no host sync: remember the successes until the next checkpoint
+            s.pending_x = point if s.pending_x is None else torch.where(expand_per_sample(hit, s.x), point, s.pending_x)
+            s.pending = hit if s.pending is None else (s.pending | hit)
+    result[s.rows] = s.x_best  # never fooled: the best-objective point
+    return result, found, evaluations
+
+
+@dataclass
+class _Active:
+    """The samples of an APGD run still not fooled, and their state (rows: their places in the batch)."""
+
+    rows: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    aims: torch.Tensor | None
+    judged: torch.Tensor | None
+    eps: torch.Tensor
+    x_adv: torch.Tensor = torch.empty(0)
+    x_old: torch.Tensor = torch.empty(0)
+    grad: torch.Tensor = torch.empty(0)
+    x_best: torch.Tensor = torch.empty(0)
+    grad_best: torch.Tensor = torch.empty(0)
+    best_value: torch.Tensor = torch.empty(0)
+    previous_value: torch.Tensor = torch.empty(0)
+    increases: torch.Tensor = torch.empty(0)
+    best_at_last_check: torch.Tensor = torch.empty(0)
+    reduced_last_check: torch.Tensor = torch.empty(0)
+    step: torch.Tensor = torch.empty(0)
+    pending: torch.Tensor | None = None  # successes since the last retirement, and where they happened
+    pending_x: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+def _retire(s: _Active, hit: torch.Tensor, point: torch.Tensor, result: torch.Tensor, found: torch.Tensor) -> _Active:
+    """Move the samples fooled (hit at point, or pending) into (result, found); return the others' state.
+
+    A sample's fooling point is the iterate where it was fooled; between retirements (accelerators
+    only retire at checkpoints) the latest fooling iterate is kept in pending_x.
+    """
+    fooled = hit if s.pending is None else (s.pending | hit)
+    if s.pending_x is not None:
+        point = torch.where(expand_per_sample(hit, s.x), point, s.pending_x)
+    if not bool(fooled.any()):
+        s.pending, s.pending_x = None, None
+        return s
+    done = torch.nonzero(fooled).reshape(-1)
+    result[s.rows[done]] = point[done]
+    found[s.rows[done]] = True
+    keep = torch.nonzero(~fooled).reshape(-1)
+    fields: dict[str, Any] = {}
+    for name in ("rows", "x", "y", "aims", "judged", "eps", "x_adv", "x_old", "grad", "x_best",
+                 "grad_best", "best_value", "previous_value", "increases", "best_at_last_check",
+                 "reduced_last_check", "step"):
+        value = getattr(s, name)
+        fields[name] = None if value is None else value[keep]
+    return _Active(**fields)

@@ -19,10 +19,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from robustlab.attacks import APGD, APGDT, PGD, Cascade
+from robustlab.attacks import apgd as apgd_module
 from robustlab.attacks.apgd import checkpoint_schedule, target_groups
 from robustlab.attacks.losses import dlr
 from robustlab.model import ModelUnderTest
 from robustlab.threat import Bounds
+from support import digits_model, digits_test
 from test_attack_properties import _settings, problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -216,3 +218,19 @@ class _Scale(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.factor
+
+
+def test_fooled_samples_leave_the_run_without_changing_anyone_else(monkeypatch):
+    """Fooled samples leave at once on the CPU, at checkpoints on accelerators (simulated here):
+    the same samples are fooled either way, every output is verified, and the gradient calls
+    count only the samples still running (fewer than n * (steps + 1) on a model that falls)."""
+    module = digits_model()
+    data = digits_test(120)
+    mut = ModelUnderTest(module, bounds=(0.0, 1.0))
+    attack = APGD(eps=0.1, steps=30)
+    every_step = attack(mut, data.x, data.y, seed=3)
+    monkeypatch.setattr(apgd_module, "SYNC_FREE_DEVICES", ())
+    at_checkpoints = attack(mut, data.x, data.y, seed=3)
+    assert torch.equal(every_step.success, at_checkpoints.success)
+    assert every_step.success.any() and not every_step.success.all()
+    assert every_step.gradient_calls < at_checkpoints.gradient_calls < len(data.x) * 31

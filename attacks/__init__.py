@@ -1,5 +1,5 @@
-"""Attacks: FGSM, PGD, APGD (CE and targeted DLR), Carlini-Wagner, Square (score-based), the standard
-cascade of Croce & Hein 2020 (plus any foolbox 3 attack through `FoolboxAttack`).
+"""Attacks: FGSM, PGD, APGD (CE and targeted DLR), FAB-T (targeted minimum-norm), Carlini-Wagner, Square
+(score-based), the standard cascade of Croce & Hein 2020 (plus any foolbox 3 attack through `FoolboxAttack`).
 
 Every attack is called the same way and returns a verified `AttackOutcome`:
 
@@ -17,18 +17,19 @@ from .adaptive import bpda, find_gradient_blockers, is_random
 from .base import Attack, AttackOutcome, restrict, transfer
 from .cascade import SUITES, Cascade, CascadeOutcome
 from .cw import CW
+from .fab import FABT
 from .fgsm import FGSM
 from .foolbox_adapter import FoolboxAttack
 from .pgd import PGD
 from .square import Square
 
 ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "cw": CW, "square": Square, "apgd-ce": APGD,
-                                    "apgd-t": APGDT, "cascade": Cascade}
+                                    "apgd-t": APGDT, "fab-t": FABT, "cascade": Cascade}
 
 
 def get_attack(name: str, **options) -> Attack:
-    """Build an attack by name: 'fgsm', 'pgd', 'cw', 'square', 'apgd-ce', 'apgd-t', 'cascade' (the
-    standard suite), 'cascade-quick', or 'foolbox:<AttackClass>'."""
+    """Build an attack by name: 'fgsm', 'pgd', 'cw', 'square', 'apgd-ce', 'apgd-t', 'fab-t', 'cascade'
+    (the standard suite), 'cascade-quick', or 'foolbox:<AttackClass>'."""
     key = name.strip().lower()
     if key.startswith("cascade-") and key.split("-", 1)[1] in SUITES:  # "cascade-quick"
         return Cascade(suite=key.split("-", 1)[1], **options)
@@ -40,5 +41,5 @@ def get_attack(name: str, **options) -> Attack:
     return ATTACKS[key](**options)
 
 
-__all__ = ["APGD", "APGDT", "Cascade", "CascadeOutcome", "SUITES", "Attack", "AttackOutcome", "FGSM", "PGD", "CW", "FoolboxAttack", "Square", "get_attack", "restrict", "transfer", "ATTACKS",
+__all__ = ["APGD", "APGDT", "FABT", "Cascade", "CascadeOutcome", "SUITES", "Attack", "AttackOutcome", "FGSM", "PGD", "CW", "FoolboxAttack", "Square", "get_attack", "restrict", "transfer", "ATTACKS",
            "bpda", "find_gradient_blockers", "is_random"]

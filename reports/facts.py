@@ -1,7 +1,8 @@
 """Figures derived from saved results, shared by every output format (HTML, markdown, comparisons).
 
 Everything here reads an `AuditResult` (summary, samples, metadata) and returns plain Python or
-pandas values; nothing renders. Imports: pandas, numpy and robustlab's results types only.
+pandas values; nothing renders. Imports: pandas, numpy and robustlab's results types and verdict
+vocabulary (robustlab.results, robustlab.verdicts) only.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from robustlab import verdicts as V
 from robustlab.results import WORST_CASE, AuditResult
 
 UNTARGETED = "none"
@@ -20,7 +22,7 @@ UNTARGETED = "none"
 
 @dataclass
 class ThreatModel:
-    """One verdict line: a model under one norm and one targeted mode."""
+    """One verdict card: a model under one norm and one targeted mode, with a verdict per eps."""
 
     model: str
     norm: str
@@ -29,8 +31,8 @@ class ThreatModel:
     clean: float
     worst: dict[float, float]            # eps -> worst-case robust accuracy over attacks
     attacks: list[str]                   # attacks that ran with a budget
-    thresholds: list[dict] = field(default_factory=list)
-    verdicts: dict[float, dict] = field(default_factory=dict)  # eps -> integrity verdict record
+    requirements: list[dict] = field(default_factory=list)     # judgements on this card (robustlab.verdicts)
+    evaluations: dict[float, dict] = field(default_factory=dict)  # eps -> evaluation record (figure, status)
     checks: list[dict] = field(default_factory=list)           # integrity checks that bear on this threat model
     checks_level: str | None = None                            # None / "none": the checks were not run
 
@@ -43,11 +45,28 @@ class ThreatModel:
         return mode_label(self.targeted)
 
     @property
-    def status(self) -> str:
-        """'pass', 'fail' or 'none' (no thresholds recorded)."""
-        if not self.thresholds:
-            return "none"
-        return "pass" if all(t.get("passed") for t in self.thresholds) else "fail"
+    def outcome(self) -> str:
+        """The card's requirement outcome: 'does not meet' or 'cannot be judged' if any requirement
+        was not met, 'meets' if all were, else 'no requirement set'."""
+        outcomes = [str(r.get("outcome")) for r in self.requirements]
+        for worst in (V.DOES_NOT_MEET, V.CANNOT_JUDGE, V.MEETS):
+            if worst in outcomes:
+                return worst
+        return V.NO_REQUIREMENT
+
+    def at(self, eps: float) -> list[dict]:
+        """The robust-accuracy judgements at one eps."""
+        return [r for r in self.requirements if r.get("metric") == "robust_accuracy" and V.same_eps(r.get("eps"), eps)]
+
+    @property
+    def headline(self) -> float | None:
+        """The eps the card leads with: the first requirement's, else the largest audited."""
+        for r in self.requirements:
+            if r.get("metric") == "robust_accuracy" and is_num(r.get("eps")):
+                found = [e for e in self.evaluations if V.same_eps(e, r["eps"])]
+                if found:
+                    return found[0]
+        return max(self.evaluations) if self.evaluations else (max(self.worst) if self.worst else None)
 
 
 def mode_label(targeted: str) -> str:
@@ -90,10 +109,9 @@ def worst_case(block: pd.DataFrame) -> dict[float, float]:
     return out
 
 
-def thresholds(metadata: dict) -> list[dict]:
-    """Threshold checks recorded in metadata["thresholds"] (by the CLI or a CI gate), if any."""
-    recorded = metadata.get("thresholds") or []
-    return [t for t in recorded if isinstance(t, dict)]
+def requirements(metadata: dict) -> list[dict]:
+    """Requirement judgements recorded in metadata["requirements"] (by the CLI or a CI gate), if any."""
+    return V.judgements(metadata)
 
 
 def checks_level(metadata: dict) -> str | None:
@@ -114,9 +132,9 @@ def adaptive_runs(metadata: dict) -> list[dict]:
     return [a for a in runs if isinstance(a, dict)] if isinstance(runs, list) else []
 
 
-def verdict_records(metadata: dict) -> list[dict]:
-    found = metadata.get("verdict")
-    return [v for v in found if isinstance(v, dict)] if isinstance(found, list) else []
+def evaluation_records(result: AuditResult) -> list[dict]:
+    """Per (model, norm, eps, targeted): the figure with its interval and the evaluation status."""
+    return V.records(result.metadata, result.summary)
 
 
 def evidence_text(evidence: Any, limit: int = 8) -> str:
@@ -145,20 +163,20 @@ def threat_models(result: AuditResult) -> list[ThreatModel]:
         return []
     level = checks_level(result.metadata)
     all_checks = check_results(result.metadata)
-    verdict_list = verdict_records(result.metadata)
-    checks = thresholds(result.metadata)
+    evaluations = evaluation_records(result)
+    judged = requirements(result.metadata)
     out = []
     for (model, targeted), block in summary.groupby(["model", "targeted"], sort=False):
         rows = bounded(block)
         norms = list(dict.fromkeys(rows["norm"])) or list(dict.fromkeys(block["norm"]))
-        mine = [t for t in checks
-                if t.get("model") in (None, model) and t.get("targeted") in (None, targeted)]
+        # this card's judgements: its mode's figures, the model's clean accuracy, and requirements with no row
+        mine = [j for j in judged if j.get("model") in (None, model) and j.get("targeted") in (None, targeted)]
         out.append(ThreatModel(
             model=str(model), norm=", ".join(map(str, norms)), targeted=str(targeted), n=int(block["n"].iloc[0]),
             clean=float(block["clean_accuracy"].iloc[0]), worst=worst_case(block),
-            attacks=[a for a in attack_order(rows["attack"]) if a != WORST_CASE], thresholds=mine,
-            verdicts={float(v["eps"]): v for v in verdict_list
-                      if v.get("model") == model and v.get("targeted") == targeted and is_num(v.get("eps"))},
+            attacks=[a for a in attack_order(rows["attack"]) if a != WORST_CASE], requirements=mine,
+            evaluations={float(v["eps"]): v for v in evaluations
+                         if v.get("model") == model and v.get("targeted") == targeted and is_num(v.get("eps"))},
             checks=[c for c in all_checks if _bears_on(c, str(model), ", ".join(map(str, norms)), str(targeted))],
             checks_level=level))
     return out
@@ -229,6 +247,14 @@ def success_matrix(result: AuditResult, model: str, targeted: str, eps: float, n
         if 0 <= i < num_classes and 0 <= j < num_classes:
             rate[i, j], count[i, j] = float(r["mean"]), int(r["size"])
     return rate, count
+
+
+def interval_text(record: dict | None) -> str:
+    """'95% CI 46.3–55.5%, n=450' (empty without an interval)."""
+    if not record or not record.get("interval"):
+        return ""
+    low, high = record["interval"]
+    return f"{V.CONFIDENCE:.0%} CI {float(low) * 100:.1f}–{float(high) * 100:.1f}%, n={record.get('n')}"
 
 
 def pct(value: Any, digits: int = 1) -> str:

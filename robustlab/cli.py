@@ -1,14 +1,14 @@
 """The `robustlab` command: parse, call the harness, print, exit.
 
-Exit status: 0 all thresholds met, 1 a --fail-under threshold missed, 2 bad usage or bad input
-(nothing is written then). `report` and `compare` read saved results only and never import torch.
+Exit status: 0 every requirement met (or none set), 1 a requirement not met or that cannot be judged
+(its evaluation is not established), 2 bad usage or bad input, requirements included (nothing is
+written then). `report` and `compare` read saved results only and never import torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_USAGE = 0, 1, 2
-THRESHOLD_METRICS = ("robust_accuracy", "clean_accuracy", "median_l2", "median_linf")
 
 
 class UsageError(Exception):
@@ -56,33 +55,12 @@ def parse_classes(text: str | None) -> list[str] | None:
     return names
 
 
-@dataclass(frozen=True)
-class Threshold:
-    metric: str
-    value: float
-    eps: float | None
-
-    def describe(self) -> str:
-        where = f" at eps={self.eps:g}" if self.eps is not None else ""
-        return f"{self.metric} >= {self.value:g}{where}"
-
-
-def parse_threshold(text: str) -> Threshold:
-    """'robust_accuracy=0.4' or 'robust_accuracy=0.4@0.1' (at eps 0.1 only)."""
-    match = re.fullmatch(r"\s*([a-z_0-9]+)\s*=\s*([^@]+?)\s*(?:@\s*(.+))?", text)
-    if not match:
-        raise UsageError(f"--fail-under expects METRIC=VALUE[@EPS], got {text!r}")
-    metric, value, eps = match.groups()
-    if metric not in THRESHOLD_METRICS:
-        raise UsageError(f"--fail-under: unknown metric {metric!r}; expected one of {', '.join(THRESHOLD_METRICS)}")
-    return Threshold(metric, parse_number(value), None if eps is None else parse_number(eps))
-
-
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robustlab", description="Adversarial robustness audits for PyTorch classifiers.",
-        epilog="Exit status: 0 ok, 1 a --fail-under threshold was missed, 2 bad usage or input.")
+        epilog="Exit status: 0 ok, 1 a requirement (--require, --fail-under, [tool.robustlab]) was not met or "
+               "cannot be judged, 2 bad usage or input.")
     from robustlab import __version__
 
     parser.add_argument("--version", action="version", version=f"robustlab {__version__}")
@@ -109,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--output", default="auto", choices=("auto", "logits", "log_probs", "probs"),
                        help="what the model returns (default: detect; probabilities are refused unless 'probs')")
     _attack_options(audit)
-    audit.add_argument("--fail-under", action="append", default=[], metavar="METRIC=VALUE[@EPS]",
-                       help="exit 1 if METRIC falls below VALUE (robust_accuracy uses the worst case over "
-                            "attacks); repeatable, e.g. robust_accuracy=0.4@0.1")
+    _requirement_options(audit)
     _defense_options(audit, default=None)
 
     demo = sub.add_parser("demo", help="train a small CNN on digits and audit it",
@@ -125,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress messages")
     _suite_option(demo)
     _integrity_options(demo, explain_default="all")
+    _requirement_options(demo)
     _defense_options(demo, default=DEMO_DEFENSES)
 
     report = sub.add_parser("report", help="render the HTML report of a results directory",
@@ -143,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEMO_DEFENSES = "pgd-at,distillation,ensemble"
+
+
+def _requirement_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("requirements", "what decides the exit status. Without one the audit measures and "
+                                              "says how far the figures can be trusted, never that a model is "
+                                              "robust. robust_accuracy reads the worst case over every attack; a "
+                                              "figure whose evaluation is not established (a check failed) cannot "
+                                              "be judged, whatever the requirement")
+    g.add_argument("--require", action="append", default=[], metavar="METRIC>=VALUE[@EPS]",
+                   help="exit 1 unless METRIC >= VALUE (robust_accuracy, clean_accuracy, median_l2, median_linf); "
+                        "at eps EPS only, or at every eps; repeatable, e.g. robust_accuracy>=0.6@8/255")
+    g.add_argument("--fail-under", action="append", default=[], metavar="METRIC=VALUE[@EPS]",
+                   help="the same as --require METRIC>=VALUE[@EPS], e.g. robust_accuracy=0.4@0.1")
+    g.add_argument("--requirements", metavar="FILE|none",
+                   help="read `require = [...]` from a robustlab.toml (top level) or a pyproject.toml "
+                        "([tool.robustlab]); default: ./robustlab.toml, else ./pyproject.toml's [tool.robustlab], "
+                        "when there is no --require or --fail-under; none: ignore them")
 
 
 def _defense_options(p: argparse.ArgumentParser, *, default: str | None) -> None:
@@ -225,9 +219,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
+def _requirements(args: argparse.Namespace, eps: Sequence[float]) -> list:
+    """The run's requirements (robustlab.verdicts.Requirement), checked before any work: the command line's
+    (--require, --fail-under) and --requirements FILE; without any, ./robustlab.toml or ./pyproject.toml's
+    [tool.robustlab]. A requirement at an eps the run does not audit is a usage error."""
+    from robustlab.errors import InputError
+    from robustlab.gates import find_requirements_file, parse_requirement, requirements_file
+
+    given = [parse_requirement(t, argument="--require") for t in args.require]
+    given += [parse_requirement(t, argument="--fail-under") for t in args.fail_under]
+    choice = args.requirements
+    if choice is not None and choice.strip().lower() == "none":
+        path = None
+    elif choice is not None:
+        path = Path(choice)
+    else:
+        path = None if given else find_requirements_file(".")
+    if path is not None:
+        given += requirements_file(path)
+    for req in given:
+        if req.eps is not None and not any(abs(req.eps - e) <= 1e-9 * max(1.0, e) for e in eps):
+            argument = req.source if req.source.startswith("--") else f"{req.source} require"
+            raise InputError(argument, f"{req.describe()}: eps {req.eps:g} is not audited (the audit's eps: "
+                                       f"{', '.join(format(e, 'g') for e in eps)})")
+    return given
+
+
 def _audit(args: argparse.Namespace) -> int:
-    thresholds = [parse_threshold(t) for t in args.fail_under]
     eps = parse_numbers(args.eps)
+    requirements = _requirements(args, eps)
     bounds = parse_bounds(args.bounds)
     mean = parse_numbers(args.mean) if args.mean else None
     std = parse_numbers(args.std) if args.std else None
@@ -258,7 +278,7 @@ def _audit(args: argparse.Namespace) -> int:
         check_audit(model, data, **options)  # every audit option checked before hours of training
     models, defended = _with_defenses(model, defense_plan, args)
     result = audit(models, data, progress=not args.quiet, **options)
-    return _finish(result, args.out, thresholds, defended=defended, base=model, base_spec=_spec(args))
+    return _finish(result, args.out, requirements, defended=defended, base=model, base_spec=_spec(args))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -268,6 +288,8 @@ def _demo(args: argparse.Namespace) -> int:
     from robustlab.model import ModelUnderTest
     from robustlab.results import check_output_dir
 
+    eps = (0.05, 0.1, 0.2)
+    requirements = _requirements(args, eps)
     check_output_dir(args.out)
     device = resolve_device(args.device)
     if args.n is not None and args.n < 1:
@@ -282,13 +304,13 @@ def _demo(args: argparse.Namespace) -> int:
 
     model = ModelUnderTest(module.to(device), name="digits-cnn", bounds=(0.0, 1.0), sha256=file_sha256(str(path)),
                            source=f"robustlab demo ({path.name})", classes=[str(i) for i in range(10)], device=device)
-    eps = (0.05, 0.1, 0.2)
     defense_plan = _defense_plan(args, list(eps))
     models, defended = _with_defenses(model, defense_plan, args)
     result = audit(models, digits_split("test"), attacks=("fgsm", "pgd", "cw"), eps=eps, seed=args.seed,
                    n=args.n, device=device, progress=not args.quiet, checks=args.checks, explain=args.explain,
                    suite=args.suite)
-    return _finish(result, args.out, [], defended=defended, base=model, base_spec="robustlab.zoo:digits_cnn")
+    return _finish(result, args.out, requirements, defended=defended, base=model,
+                   base_spec="robustlab.zoo:digits_cnn")
 
 
 @dataclass(frozen=True)
@@ -345,11 +367,14 @@ def _spec(args: argparse.Namespace) -> str:
     return args.model + (f" --weights {args.weights}" if args.weights else "")
 
 
-def _finish(result, out: str, thresholds: list[Threshold], *, defended: dict | None = None, base=None,
+def _finish(result, out: str, requirements: list, *, defended: dict | None = None, base=None,
             base_spec: str | None = None) -> int:
-    checks = _check_thresholds(result, thresholds)
-    if thresholds:
-        result.metadata["thresholds"] = [{k: v for k, v in c.items() if k != "line"} for c in checks]
+    from robustlab import gates, verdicts
+    from robustlab.integrity import format_checks
+
+    judged = gates.judge_requirements(result, requirements)
+    if judged:
+        gates.record_requirements(result, judged)
     if defended:
         result.metadata["defended_models"] = {name: f"models/{name}.safetensors" for name in defended}
     result.save(out)
@@ -358,14 +383,36 @@ def _finish(result, out: str, thresholds: list[Threshold], *, defended: dict | N
 
         save_models(defended, Path(out) / "models", base=base, base_spec=base_spec)
     print(result.table())
-    from robustlab.integrity import format_checks
-
     print("\n" + format_checks(result))
     report, summary = _render(out)  # from the saved files alone, as `robustlab report` would
     print(f"\nresults: {os.path.join(out, 'results.json')} and samples.csv; report: {report}; summary: {summary}")
-    for c in checks:
-        print(c["line"])
-    return EXIT_THRESHOLD if any(not c["passed"] for c in checks) else EXIT_OK
+    print("\n" + verdicts.format_verdicts(verdicts.records(result.metadata, result.summary), judged))
+    for j in judged:
+        print(_judgement_line(j))
+    return EXIT_THRESHOLD if any(not j["passed"] for j in judged) else EXIT_OK
+
+
+def _judgement_line(j: dict) -> str:
+    """'pass  robust_accuracy >= 0.5 at eps=0.1: m worst-case eps=0.1 (untargeted): 50.9% [46.3%, 55.5%] n=450;
+    established; meets': the figure, its evaluation, the outcome."""
+    from robustlab import verdicts
+
+    head = f"{'pass' if j['passed'] else 'FAIL'}  {j['requirement']}"
+    if j.get("model") is None:
+        return f"{head}: {j.get('reason')}; {j['outcome']}"
+    if j["metric"] == "clean_accuracy":
+        where = str(j["model"])
+    else:
+        mode = "untargeted" if j.get("targeted") == "none" else f"targeted: {j.get('targeted')}"
+        where = f"{j['model']} {j['attack']} eps={float(j['eps']):g} ({mode})"
+    if j.get("interval"):
+        figure = verdicts.figure_text({"robust_accuracy": j["observed"], "interval": j["interval"], "n": j["n"]})
+    else:
+        figure = "-" if j.get("observed") is None else f"{float(j['observed']):.4g}"
+    outcome = j["outcome"] if j.get("evaluation") else verdicts.outcome_label(j)  # the evaluation says why
+    parts = [figure] + ([j["evaluation"]] if j.get("evaluation") else []) + [outcome]
+    note = f" ({j['note']})" if j.get("note") else ""
+    return f"{head}: {where}: {'; '.join(parts)}{note}"
 
 
 def _render(directory: str, out: str | None = None) -> tuple:
@@ -386,49 +433,6 @@ def _compare(args: argparse.Namespace) -> int:
 
     print(f"comparison: {compare(args.dir_a, args.dir_b, args.out)}")
     return EXIT_OK
-
-
-def _check_thresholds(result, thresholds: list[Threshold]) -> list[dict]:
-    """One record per (threshold, checked summary row): what was required, what was seen, passed, and
-    the line to print. Recorded in the results' metadata ("thresholds") for the report.
-
-    robust_accuracy is read from the worst case over attacks (adaptive ones included) and never
-    passes where the integrity checks say robustness is not established or the gated figure is
-    inflated; clean_accuracy is checked once per model."""
-    import math
-
-    from robustlab.gates import integrity_block
-
-    summary = result.summary
-    checks: list[dict] = []
-    for t in thresholds:
-        base = {"metric": t.metric, "value": t.value, "eps": t.eps, "description": t.describe()}
-        rows = summary[summary["eps"].notna()]
-        if t.metric == "robust_accuracy":
-            worst = rows[rows["attack"] == "worst-case"]
-            rows = worst if len(worst) else rows
-        if t.eps is not None:
-            rows = rows[(rows["eps"] - t.eps).abs() <= 1e-9]
-        if t.metric == "clean_accuracy":
-            rows = rows.drop_duplicates(["model", "targeted"])
-        if rows.empty:
-            checks.append(base | {"observed": None, "passed": False,
-                                  "line": f"FAIL  {t.describe()}: no results to check (is eps {t.eps} among --eps?)"})
-            continue
-        for _, row in rows.iterrows():
-            value = float(row[t.metric])
-            ok = not math.isnan(value) and value >= t.value
-            blocked = integrity_block(result.metadata, row, value) if t.metric == "robust_accuracy" else None
-            where = (f"{row['model']}" if t.metric == "clean_accuracy" else
-                     f"{row['model']} {row['attack']} eps={row['eps']:g} targeted={row['targeted']}")
-            line = f"{'pass' if ok and not blocked else 'FAIL'}  {t.describe()}: {where}: {value:.4g}"
-            checks.append(base | {
-                "model": str(row["model"]), "attack": str(row["attack"]),
-                "eps": None if t.metric == "clean_accuracy" else float(row["eps"]),
-                "targeted": str(row["targeted"]), "observed": value, "passed": bool(ok and not blocked),
-                **({"blocked": blocked} if blocked else {}),
-                "line": line + (f" ({blocked})" if blocked else "")})
-    return checks
 
 
 def entry() -> None:  # pragma: no cover - console script shim

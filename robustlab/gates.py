@@ -8,10 +8,19 @@ This module needs pandas and the standard library only, never torch: gates run o
 (`robustlab.load(dir)`) as well as on fresh ones. The pytest plugin (`robustlab.pytest_plugin`)
 is a thin face over it.
 
+A threshold is a requirement (robustlab.verdicts): `min_accuracy=0.5` at eps 0.1 is
+`robust_accuracy>=0.5@0.1`. Each gated row is judged `meets`, `does not meet`, or `cannot be judged`
+(its evaluation is not established: an integrity check failed, so no threshold passes on it, however
+high the figure). A weaker-than-standard evaluation (quick suite, no checks) is judged on its
+figure, an upper bound, and says so.
+
 A failed gate raises `RobustnessGateError` (an `AssertionError`, so `pytest.raises(AssertionError)`
 and plain `assert`-style handling work) whose message names the model, attack, norm, eps, targeted
-mode, the measured and the required value, the clean accuracy, the integrity-check verdict and
-where the results are.
+mode, the measured figure and its interval, the required value and the outcome, the clean accuracy,
+the evaluation status and where the results are.
+
+Requirements files (`requirements_file`): `robustlab.toml` (`require = [...]` at the top level) or
+`pyproject.toml` (`[tool.robustlab]`, `require = [...]`), each entry as `--require` takes it.
 
 Regression margins (`parse_margin`), the same syntax as `--robustlab-compare-fail`:
 
@@ -36,9 +45,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from robustlab import verdicts
 from robustlab.errors import InputError
-from robustlab.integrity.verdict import NOT_ESTABLISHED, describe, failed_checks, find
 from robustlab.results import WORST_CASE, AuditResult, load
+from robustlab.verdicts import Requirement, parse_requirement
+
+__all__ = ["GateCheck", "Margin", "Requirement", "RobustnessGateError", "assert_no_regression", "assert_robust",
+           "evaluate_regression", "evaluate_robust", "evaluation", "judge_requirements", "parse_margin",
+           "parse_requirement", "record_requirements", "requirements_file"]
 
 HIGHER_IS_BETTER = ("robust_accuracy", "clean_accuracy", "median_l2", "median_linf")
 LOWER_IS_BETTER = ("success_rate",)
@@ -97,6 +111,9 @@ class GateCheck:
     baseline: float | None = None
     margin: str | None = None
     note: str = ""
+    outcome: str = ""                  # thresholds: meets / does not meet / cannot be judged
+    evaluation: str = ""               # the gated threat model's evaluation status, with its reasons
+    interval: tuple[float, float] | None = None  # the 95% Wilson interval of an accuracy over n
 
     @property
     def key(self) -> tuple:
@@ -116,9 +133,29 @@ class GateCheck:
                     f"required {relation} {self.required:.4g} ({self.note})")
         else:
             text = f"{self.metric} measured {self.measured:.4g}, required {relation} {self.required:.4g} ({self.kind})"
+            if self.outcome:
+                text += f": {self.outcome}"
             if self.note:
                 text += f"; {self.note}"
+            if self.interval:
+                text += f"; {verdicts.CONFIDENCE:.0%} CI [{self.interval[0]:.3f}, {self.interval[1]:.3f}], n={self.n}"
+            if self.evaluation and self.kind == "min_accuracy" and self.evaluation != self.note:
+                text += f"; evaluation: {self.evaluation}"
         return f"{status} {self.where()}: {text}"
+
+    def judgement(self, source: str = "robustlab.assert_robust") -> dict:
+        """This threshold check as a requirement judgement (metadata["requirements"], robustlab.verdicts)."""
+        clean = self.kind == "min_clean_accuracy"
+        req = Requirement(self.metric, self.required, None if clean else self.eps, source=source)
+        return {"requirement": req.describe(), "metric": self.metric, "value": self.required,
+                "required_eps": req.eps, "source": source, "model": self.model,
+                "attack": None if clean else self.attack, "norm": None if clean else self.norm,
+                "eps": None if clean else self.eps, "targeted": None if clean else self.targeted,
+                "observed": _finite(self.measured), "n": self.n,
+                "interval": list(self.interval) if self.interval else None,
+                "status": None, "evaluation": None if clean else self.evaluation, "outcome": self.outcome,
+                "passed": self.passed, "reason": self.note if self.outcome == verdicts.CANNOT_JUDGE else "",
+                "note": "" if self.outcome == verdicts.CANNOT_JUDGE else self.note}
 
     def to_dict(self) -> dict:
         return {k: _finite(v) for k, v in asdict(self).items()}
@@ -136,23 +173,52 @@ def evaluate_robust(result: AuditResult | pd.DataFrame, *, attack: str | Sequenc
     if min_accuracy is None and min_clean_accuracy is None:
         raise InputError("min_accuracy", "give min_accuracy and/or min_clean_accuracy (the gate's thresholds)")
     rows = select_rows(summary, attack=attack, eps=eps, norm=norm, targeted=targeted, model=model)
-    metadata = result.metadata if isinstance(result, AuditResult) else {}
+    evaluations = _evaluations(result)
     checks: list[GateCheck] = []
     for _, row in rows.iterrows():
         base = _row_fields(row)
         if min_accuracy is not None:
-            measured = float(row["robust_accuracy"])
-            blocked = integrity_block(metadata, base, measured)
-            checks.append(GateCheck(kind="min_accuracy", metric="robust_accuracy", measured=measured,
-                                    required=float(min_accuracy),
-                                    passed=_finite_ge(measured, float(min_accuracy)) and blocked is None,
-                                    note=blocked or "", **base))
+            checks.append(_threshold("min_accuracy", "robust_accuracy", float(min_accuracy), row, base, evaluations))
         if min_clean_accuracy is not None:
-            measured = float(row["clean_accuracy"])
-            checks.append(GateCheck(kind="min_clean_accuracy", metric="clean_accuracy", measured=measured,
-                                    required=float(min_clean_accuracy),
-                                    passed=_finite_ge(measured, float(min_clean_accuracy)), **base))
+            checks.append(_threshold("min_clean_accuracy", "clean_accuracy", float(min_clean_accuracy), row, base,
+                                     evaluations))
     return checks
+
+
+def _threshold(kind: str, metric: str, required: float, row: Mapping, base: dict,
+               evaluations: list[dict]) -> GateCheck:
+    judged = verdicts.judge_row(metric, required, row, evaluations)
+    measured = float(row[metric])
+    note = judged["reason"] or judged["note"]
+    low_high = judged.get("interval")
+    return GateCheck(kind=kind, metric=metric, measured=measured, required=required, passed=judged["passed"],
+                     note=note, outcome=judged["outcome"], evaluation=judged.get("evaluation") or "",
+                     interval=tuple(low_high) if low_high else None, **base)
+
+
+def _evaluations(result: AuditResult | pd.DataFrame) -> list[dict]:
+    """The evaluation records of a result (computed from its summary and checks when it carries none;
+    a bare summary frame has no checks: weaker than standard)."""
+    if isinstance(result, AuditResult):
+        return verdicts.records(result.metadata, result.summary)
+    return verdicts.evaluate(result, [], level=None) if isinstance(result, pd.DataFrame) else []
+
+
+def judge_requirements(result: AuditResult, requirements: Iterable[Requirement | str]) -> list[dict]:
+    """Judge requirements (Requirement objects or '--require' strings) on a result: one judgement per
+    requirement and summary row it reads (robustlab.verdicts.judge_requirements)."""
+    parsed = [r if isinstance(r, Requirement) else parse_requirement(r) for r in requirements]
+    return verdicts.judge_requirements(_summary(result), _evaluations(result), parsed)
+
+
+def record_requirements(result: AuditResult, judged: Iterable[Mapping]) -> list[dict]:
+    """Add judgements to result.metadata["requirements"] (what reports and summaries show); returns them all."""
+    kept = [dict(j) for j in result.metadata.get("requirements") or [] if isinstance(j, Mapping)]
+    for j in judged:
+        if dict(j) not in kept:
+            kept.append(dict(j))
+    result.metadata["requirements"] = kept
+    return kept
 
 
 def assert_robust(result: AuditResult, *, attack: str | Sequence[str] = WORST_CASE,
@@ -286,6 +352,70 @@ def baseline_summary(baseline: Any, *, test: str | None = None) -> pd.DataFrame:
                                  f"got {type(baseline).__name__}")
 
 
+# ---------------------------------------------------------------------------- requirements files
+REQUIREMENTS_KEYS = ("require",)
+
+
+def find_requirements_file(directory: str | os.PathLike = ".") -> Path | None:
+    """robustlab.toml in `directory`, else its pyproject.toml if that has a [tool.robustlab] table."""
+    folder = Path(directory)
+    if (folder / "robustlab.toml").is_file():
+        return folder / "robustlab.toml"
+    pyproject = folder / "pyproject.toml"
+    if pyproject.is_file():
+        try:
+            table = _toml(pyproject, "requirements").get("tool", {})
+        except InputError:
+            return pyproject  # a broken pyproject.toml: reading it again says why
+        if isinstance(table, dict) and "robustlab" in table:
+            return pyproject
+    return None
+
+
+def requirements_file(path: str | os.PathLike, *, argument: str = "--requirements") -> list[Requirement]:
+    """The requirements of a robustlab.toml (`require = [...]` at the top level) or a pyproject.toml
+    (`[tool.robustlab]` with `require = [...]`); every entry as `--require` takes it."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(argument, f"{file} does not exist (expected a robustlab.toml or a pyproject.toml)")
+    document = _toml(file, argument)
+    if file.name == "pyproject.toml" or "tool" in document:
+        table = document.get("tool", {}).get("robustlab") if isinstance(document.get("tool"), dict) else None
+        if table is None:
+            raise InputError(argument, f"{file} has no [tool.robustlab] table")
+        where = f"{file} [tool.robustlab]"
+    else:
+        table, where = document, str(file)
+    if not isinstance(table, dict):
+        raise InputError(argument, f"{where} must be a table")
+    unknown = sorted(k for k in table if k not in REQUIREMENTS_KEYS)
+    if unknown:
+        raise InputError(argument, f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+                                   f"{', '.join(map(repr, unknown))}; allowed: {', '.join(REQUIREMENTS_KEYS)}")
+    entries = table.get("require", [])
+    entries = [entries] if isinstance(entries, str) else entries
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise InputError(argument, f"{where}: require must be a list of strings such as "
+                                   f"\"robust_accuracy>=0.6@8/255\", got {entries!r}")
+    return [parse_requirement(e, argument=f"{where} require", source=where) for e in entries]
+
+
+def _toml(file: Path, argument: str) -> dict:
+    try:
+        import tomllib  # Python 3.11+
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef, import-not-found]
+        except ModuleNotFoundError:
+            raise InputError(argument, f"reading {file} needs Python 3.11+ or the tomli package "
+                                       "(pip install tomli)") from None
+    try:
+        with file.open("rb") as handle:
+            return tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise InputError(argument, f"cannot read {file}: {error}") from None
+
+
 # ---------------------------------------------------------------------------- selection, messages
 def select_rows(summary: pd.DataFrame, *, attack: str | Sequence[str] = WORST_CASE,
                 eps: float | Sequence[float] | None = None, norm: str | None = None, targeted: Any = "none",
@@ -324,16 +454,8 @@ def select_rows(summary: pd.DataFrame, *, attack: str | Sequence[str] = WORST_CA
 
 def _worst_case_rows(summary: pd.DataFrame, mode: str) -> pd.DataFrame:
     """The worst-case row of every (model, norm, eps) of `mode`; where the audit wrote none (a single
-    attack at a single eps: its row is the worst case), that attack's row."""
-    rows = summary[summary["targeted"].astype(str) == mode]
-    worst = rows[rows["attack"] == WORST_CASE]
-    bounded = rows[rows["eps"].notna() & (rows["attack"] != WORST_CASE)]
-    have = {(str(r.model), str(r.norm), round(float(r.eps), 12)) for r in worst.itertuples() if pd.notna(r.eps)}
-    alone = []
-    for (model, norm, eps), block in bounded.groupby(["model", "norm", "eps"], sort=False):
-        if (str(model), str(norm), round(float(eps), 12)) not in have:
-            alone.append(block)  # one row when one attack ran; every row must pass otherwise
-    return pd.concat([worst, *alone]) if alone else worst
+    attack at a single eps: its row is the worst case), that attack's row (robustlab.verdicts)."""
+    return verdicts.worst_case_rows(summary[summary["targeted"].astype(str) == mode])
 
 
 def gated_attack(attack: str | Sequence[str]) -> str:
@@ -360,50 +482,29 @@ def normalise_mode(targeted: Any) -> str:
     return {"untargeted": "none", "ll": "least-likely", "leastlikely": "least-likely", "every": "all"}.get(text, text)
 
 
-def integrity_block(metadata: Mapping | None, row: Mapping, measured: float) -> str | None:
-    """Why a robust-accuracy threshold on this row cannot pass whatever its value, or None.
-
-    - the row's threat model has the verdict "robustness not established" (a check says the attacks
-      may be blind): no threshold passes on it;
-    - a check failed there and the adaptive attacks it called for brought the worst-case robust
-      accuracy below the gated row's: the gated figure is known to be inflated.
-    """
-    entry = find(metadata, row["model"], row["norm"], row["eps"], row["targeted"])
-    if entry is None:
-        return None
-    failed = failed_checks(entry)
-    reasons = ", ".join(failed)
-    if entry.get("verdict") == NOT_ESTABLISHED and (failed or not entry.get("reasons")):
-        # A weaker attack suite alone does not block: the figure is an upper bound and the verdict says so.
-        return f"robustness not established (failed checks: {reasons or 'a check'}); no threshold can pass"
-    adaptive = _number(entry.get("robust_accuracy"))
-    if reasons and adaptive is not None and measured > adaptive + _TOLERANCE:
-        return (f"checks failed ({reasons}) and the adaptive attacks bring worst-case robust accuracy to "
-                f"{adaptive:.4g}: the gated figure is inflated")
-    return None
-
-
-def verdict(result: AuditResult | None, *, model: str | None = None, norm: str | None = None,
-            eps: float | None = None, targeted: str | None = None) -> str | None:
-    """The integrity-check verdict the results carry (for the selected threat models), or None when
-    the checks were not run. One verdict when all agree, else "eps=0.05: robust; eps=0.1: ..."."""
+def evaluation(result: AuditResult | None, *, model: str | None = None, norm: str | None = None,
+               eps: float | None = None, targeted: str | None = None) -> str | None:
+    """The evaluation status of the selected threat models, in one line: one status when all agree,
+    else "eps=0.05: established; eps=0.1: not established (failed checks: ...)". None without results."""
     if result is None:
         return None
-    metadata = result.metadata or {}
-    found = describe(metadata, model=model, norm=norm, eps=eps, targeted=targeted)
-    if found:
-        return found
-    for path in (("verdict",), ("integrity", "verdict"), ("checks", "verdict")):
-        node: Any = metadata
-        for part in path:
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if isinstance(node, str) and node:
-            return node
-    if "verdict" in result.summary.columns:
-        values = [str(v) for v in result.summary["verdict"].dropna().unique()]
-        if values:
-            return ", ".join(values)
-    return None
+    chosen = [v for v in _evaluations(result)
+              if (model is None or str(v.get("model")) == str(model))
+              and (norm is None or str(v.get("norm")) == str(norm))
+              and (targeted is None or str(v.get("targeted")) == str(targeted))
+              and (eps is None or verdicts.same_eps(v.get("eps"), eps))]
+    if not chosen:
+        return None
+    labels = list(dict.fromkeys(verdicts.status_label(v) for v in chosen))
+    if len(labels) == 1:
+        return labels[0]
+    models = len({v["model"] for v in chosen}) > 1
+    modes = len({v["targeted"] for v in chosen}) > 1
+    parts = []
+    for v in chosen:
+        where = (f"{v['model']} " if models else "") + (f"{v['targeted']} " if modes else "") + f"eps={float(v['eps']):g}"
+        parts.append(f"{where}: {verdicts.status_label(v)}")
+    return "; ".join(parts)
 
 
 def failure_message(checks: Sequence[GateCheck], *, result: AuditResult | None = None,
@@ -422,9 +523,11 @@ def failure_message(checks: Sequence[GateCheck], *, result: AuditResult | None =
         lines.append(f"  clean accuracy of {model!r}: {clean:.4g} (n={n})")
     models = {c.model for c in checks}
     modes = {c.targeted for c in checks}
-    found = verdict(result, model=next(iter(models)) if len(models) == 1 else None,
-                    targeted=next(iter(modes)) if len(modes) == 1 else None)
-    lines.append(f"  integrity checks: {found if found else NOT_RUN}")
+    epsilons = {c.eps for c in checks if c.eps is not None}
+    found = evaluation(result, model=next(iter(models)) if len(models) == 1 else None,
+                       targeted=next(iter(modes)) if len(modes) == 1 else None,
+                       eps=next(iter(epsilons)) if len(epsilons) == 1 else None)
+    lines.append(f"  evaluation: {found if found else NOT_RUN}")
     lines.append(f"  results: {results_dir}" if results_dir else
                  "  results: not saved (pass --robustlab-report DIR, or result.save(DIR), to keep them)")
     return "\n".join(lines)
@@ -485,10 +588,6 @@ def _number(value: Any) -> float | None:
 
 def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _finite_ge(measured: float, required: float) -> bool:
-    return math.isfinite(measured) and measured >= required - _TOLERANCE
 
 
 def check_fraction(name: str, value: float | None) -> None:

@@ -28,10 +28,11 @@ from robustlab.attacks.base import check_eps_fits, transfer, validate_inputs, va
 from robustlab.batching import BatchRunner
 from robustlab.data import Dataset, load_data
 from robustlab.errors import InputError
-from robustlab.integrity import LEVELS, compute_verdicts
+from robustlab.integrity import LEVELS
 from robustlab.integrity.base import Extra, Found, ModeEvidence, ModelContext
 from robustlab.model import ModelUnderTest, RobustlabWarning
 from robustlab.results import SUMMARY_COLUMNS, WORST_CASE, AuditResult, example_key, sample_frame
+from robustlab.verdicts import evaluate as evaluate_verdicts
 from robustlab.threat import Bounds, get_norm
 
 DEFAULT_ATTACKS = ("fgsm", "pgd", "cw")
@@ -101,7 +102,7 @@ def audit(
     suite: the attack cascade run beside `attacks` (robustlab.attacks.cascade): "standard" (default:
         APGD-CE, APGD-T, Square-5000, Croce & Hein 2020), "quick" (APGD-CE and APGD-T with fewer
         iterations, for CI), or "none". Its row ("cascade" / "cascade-quick") joins the worst case;
-        only an audit with the standard suite can call a model robust.
+        only an audit with the standard suite can have an "established" evaluation.
     targeted: "none", "random", "least-likely", "next", "all", a class, or a list of those.
     checks: integrity checks after each model's attacks (robustlab.integrity): "default" (the cheap
         ones, +<=50% time), "strict" (also the costly ones in full, and transfer from `surrogate`), or
@@ -110,7 +111,8 @@ def audit(
         are kept as sample rows ("probe:pgd-strong", "probe:square"); every row joins the worst case.
         The worst case carries a sample broken at an eps to every larger eps, and untargeted it counts
         every targeted mode's misclassifications; samples.csv holds its per-sample rows ("worst-case").
-        metadata["checks"] and metadata["verdict"] hold the results (see robustlab.integrity.verdict).
+        metadata["checks"] holds the results; metadata["evaluation"] the evaluation status of every threat
+        model (robustlab.verdicts), written with or without checks.
     surrogate: an nn.Module for the strict transfer check (same inputs and classes); a model with
         `requires_transfer` uses its own `.surrogate`.
     explain: "saliency", "shap", "probes" (a list or comma-separated; "all"): explanations of the
@@ -157,11 +159,12 @@ def audit(
     else:
         metadata["checks"] = {"level": plan.checks, "results": check_results, "adaptive": adaptive,
                               "seconds": round(check_seconds, 3)}
-        metadata["verdict"] = compute_verdicts(summary, check_results, norm=plan.norm)
-        metadata["definitions"]["verdict"] = (
-            "per (model, norm, eps, targeted): 'not robust' when worst-case robust accuracy (adaptive attacks "
-            "included) < robust_fraction x clean accuracy; otherwise 'robust' when every applicable check passed, "
-            "'robustness not established' when one failed")
+    metadata["evaluation"] = evaluate_verdicts(summary, check_results, level=plan.checks, norm=plan.norm)
+    metadata["definitions"]["evaluation"] = (
+        "per (model, norm, eps, targeted): the worst-case robust accuracy with its 95% Wilson interval over n, and "
+        "a status: 'established' (the standard suite ran and every applicable check passed), 'weaker than "
+        "standard' (no check failed, but the suite was reduced or the checks were not run), 'not established' "
+        "(a check failed). Only a requirement the user sets says whether the figure is enough")
     tables: dict[str, pd.DataFrame] = {}
     if plan.explain:
         from robustlab.explaining import merge

@@ -10,6 +10,12 @@
 the gate reads the per-sample worst case over every row of the audit ("worst-case"), never one
 attack's row: each attack alone is only an upper bound of robust accuracy.
 
+The marker's thresholds are the requirement (`min_accuracy=0.5` at eps 0.1 is
+`robust_accuracy>=0.5@0.1`): each gated row is judged `meets`, `does not meet` or `cannot be judged`
+(evaluation not established: an integrity check failed); the judgements are saved with the results
+(metadata["requirements"]) so the test's report shows them. The summary shows, per gate, the figure
+with its 95% interval, the evaluation status, then the requirement and its outcome.
+
 Registered through the `pytest11` entry point, so it is active wherever robustlab is installed.
 It is a face (see DESIGN.md): it parses options and marker arguments, calls the harness
 (`robustlab.audit`) and the gates (`robustlab.gates`), records what it saw and prints a summary.
@@ -57,7 +63,7 @@ AUDIT_OPTIONS = ("attacks", "seed", "bounds", "mean", "std", "classes", "output"
 # --robustlab-quick: caps (a smaller value from the marker or the call is kept).
 QUICK = {"n": 64, "pgd_steps": 10, "cw_steps": 20, "cw_binary_search_steps": 3}
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-SESSION_SCHEMA = "robustlab.pytest-session/1"
+SESSION_SCHEMA = "robustlab.pytest-session/2"  # /2: gates carry interval, evaluation and outcome
 BASELINE_SCHEMA = "robustlab.baseline/1"  # the same string as robustlab.gates.BASELINE_SCHEMA
 WORKER_KEY = "robustlab_session"
 WORST_CASE = "worst-case"  # robustlab.results.WORST_CASE (not imported here: that module imports pandas)
@@ -391,6 +397,7 @@ class Gate:
         self._dirs: dict[int, str] = {}  # id(result) -> where it was saved
         self._results: list[Any] = []    # keeps ids stable while the test runs
         self._pending: list[Any] = []    # audit() results not yet compared with the baseline
+        self._audit_records: dict[int, dict] = {}  # id(result) -> its record in the session's audits
 
     # ------------------------------------------------------------ options
     @property
@@ -443,7 +450,7 @@ class Gate:
                             "and --robustlab-compare-fail")
         for key in ("min_accuracy", "min_clean_accuracy"):  # bad thresholds fail before any attack runs
             gates.check_fraction(key, config[key])
-        result = self._run(model, data, config, require_eps=True)
+        result = self._run(model, data, config, require_eps=True, save=False)
         checks = []
         if config["min_accuracy"] is not None or config["min_clean_accuracy"] is not None:
             checks += gates.evaluate_robust(result, attack=WORST_CASE, eps=config["eps"],
@@ -453,7 +460,7 @@ class Gate:
         checks += self._regression_checks(result, None, None)
         self._finish(result, checks, gated=gates.select_rows(
             result.summary, attack=WORST_CASE, eps=config["eps"], norm=config["norm"],
-            targeted=config["targeted"]))
+            targeted=config["targeted"]), source=f"@pytest.mark.{MARKER}")
         return result
 
     def assert_robust(self, result: Any, **kwargs: Any) -> list:
@@ -468,7 +475,7 @@ class Gate:
         checks = gates.evaluate_robust(result, **merged)
         gated = gates.select_rows(result.summary, **{k: v for k, v in merged.items()
                                                      if k in ("attack", "eps", "norm", "targeted", "model")})
-        self._finish(result, checks, gated=gated)
+        self._finish(result, checks, gated=gated, source="robustlab.assert_robust")
         return checks
 
     def assert_no_regression(self, result: Any, baseline: Any = None, *, margin: Any = None) -> list:
@@ -520,7 +527,8 @@ class Gate:
             margin = self.settings.compare_fail or gates.DEFAULT_MARGIN
         return gates.evaluate_regression(result, baseline, margin=margin)
 
-    def _run(self, model: Any, data: Any, config: dict, *, require_eps: bool) -> Any:
+    def _run(self, model: Any, data: Any, config: dict, *, require_eps: bool, save: bool = True) -> Any:
+        """Audit; saved under --robustlab-report now, or (save=False) by _finish once the gates judged it."""
         import robustlab as _rl
 
         if require_eps and config["eps"] is None:
@@ -528,40 +536,56 @@ class Gate:
         kwargs = _audit_kwargs(config)
         result = _rl.audit(model, data, progress=False, **kwargs)
         self._results.append(result)
-        where = self._save(result)
         self._state.summaries.setdefault(self.nodeid, []).extend(_summary_records(result))
         models = sorted(str(m) for m in result.summary["model"].unique())
-        self._state.audits.append({"test": self.nodeid, "order": len(self._state.audits), "models": models,
-                                   "results_dir": where, "seconds": result.metadata.get("seconds"),
-                                   "quick": self.settings.quick,
-                                   "config": _jsonable({k: v for k, v in kwargs.items() if k != "attacks"}),
-                                   "attacks": _jsonable([a if isinstance(a, str) else a.config()
-                                                         for a in kwargs["attacks"]])})
+        record = {"test": self.nodeid, "order": len(self._state.audits), "models": models,
+                  "results_dir": None, "seconds": result.metadata.get("seconds"), "quick": self.settings.quick,
+                  "config": _jsonable({k: v for k, v in kwargs.items() if k != "attacks"}),
+                  "attacks": _jsonable([a if isinstance(a, str) else a.config() for a in kwargs["attacks"]])}
+        self._state.audits.append(record)
+        self._audit_records[id(result)] = record
+        if save:
+            self._save(result)
         return result
 
     def _save(self, result: Any) -> str | None:
+        """Write (or rewrite, once gates have judged it) the result's directory and report."""
         if self.settings.report is None:
             return None
-        name = _dir_name(self.nodeid)
-        candidate, k = name, 1
-        while candidate in self._state.used_dirs:
-            k += 1
-            candidate = f"{name}-{k}"
-        self._state.used_dirs.add(candidate)
-        target = self.settings.report / candidate
+        if id(result) in self._dirs:
+            target = Path(self._dirs[id(result)])
+        else:
+            name = _dir_name(self.nodeid)
+            candidate, k = name, 1
+            while candidate in self._state.used_dirs:
+                k += 1
+                candidate = f"{name}-{k}"
+            self._state.used_dirs.add(candidate)
+            target = self.settings.report / candidate
         result.save(target)
         _render_report(target)
         self._dirs[id(result)] = str(target)
+        if id(result) in self._audit_records:
+            self._audit_records[id(result)]["results_dir"] = str(target)
         return str(target)
 
-    def _finish(self, result: Any, checks: list, *, gated: Any, title: str = "robustness gate failed") -> None:
+    def _finish(self, result: Any, checks: list, *, gated: Any, title: str = "robustness gate failed",
+                source: str | None = None) -> None:
         __tracebackhide__ = True
         from robustlab import gates
 
+        thresholds = [c for c in checks if c.kind != "regression"]
+        if id(result) in self._audit_records:  # audited through this fixture
+            if thresholds:  # the requirement and its outcome travel with the results, into the report
+                gates.record_requirements(result, [c.judgement(source or "robustlab.assert_robust")
+                                                   for c in thresholds])
+            if thresholds or id(result) not in self._dirs:
+                self._save(result)
         where = self._dirs.get(id(result))
+
         def found(model, norm, eps, targeted) -> str | None:
-            """The integrity verdict of this gated row's own threat model."""
-            return gates.verdict(result, model=model, norm=norm, eps=eps, targeted=targeted)
+            """The evaluation status of this gated row's own threat model."""
+            return gates.evaluation(result, model=model, norm=norm, eps=eps, targeted=targeted)
 
         entry = self._state.baseline().get(self.nodeid)
         before = {} if entry is None else {_key(r): r.get("robust_accuracy") for r in entry.get("summary", [])}
@@ -624,7 +648,7 @@ def _gate_records(nodeid: str, checks: list, gated: Any, where: str | None, foun
     """One record per (model, attack, norm, eps, targeted) row that was gated or failed a check.
 
     `before`: this test's baseline robust accuracy per row key (shown even without --robustlab-compare-fail).
-    `found(model, norm, eps, targeted)`: the integrity verdict of that threat model, or None.
+    `found(model, norm, eps, targeted)`: the evaluation status of that threat model, or None.
     """
     rows: dict[tuple, dict] = {}
 
@@ -632,9 +656,10 @@ def _gate_records(nodeid: str, checks: list, gated: Any, where: str | None, foun
         if key not in rows:
             rows[key] = {"test": nodeid, "order": start + len(rows), "model": model, "attack": attack, "norm": norm,
                          "eps": eps, "targeted": targeted, "n": n, "clean_accuracy": _num(clean),
-                         "robust_accuracy": _num(robust), "required": None, "required_clean": None,
-                         "baseline": _num(before.get(key)),
-                         "verdict": found(model, norm, eps, targeted) or "not run", "passed": True, "checks": [],
+                         "robust_accuracy": _num(robust), "interval": _interval(robust, n),
+                         "evaluation": found(model, norm, eps, targeted) or "not evaluated",
+                         "required": None, "required_clean": None, "outcome": None,
+                         "baseline": _num(before.get(key)), "passed": True, "checks": [],
                          "failures": [], "results_dir": where}
         return rows[key]
 
@@ -650,6 +675,7 @@ def _gate_records(nodeid: str, checks: list, gated: Any, where: str | None, foun
                        check.measured if check.metric == "robust_accuracy" else None, check.n)
         if check.kind == "min_accuracy":
             entry["required"] = check.required
+            entry["outcome"] = check.outcome
         elif check.kind == "min_clean_accuracy":
             entry["required_clean"] = check.required
         elif check.kind == "regression" and check.metric == "robust_accuracy":
@@ -669,14 +695,41 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _interval(robust: Any, n: Any) -> list | None:
+    """The 95% Wilson interval of a robust accuracy over n samples (robustlab.verdicts.interval)."""
+    if _num(robust) is None or _num(n) is None:
+        return None
+    from robustlab.verdicts import interval
+
+    found = interval(_num(robust), int(n))
+    return list(found) if found else None
+
+
+def _robust_cell(g: dict) -> str:
+    if g.get("robust_accuracy") is None:
+        return "-"
+    low_high = g.get("interval")
+    return _fmt(g["robust_accuracy"]) + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
+
+
+def _requirement_cell(g: dict) -> str:
+    """'>= 0.500: meets', or '-' where no threshold was set (a regression gate only)."""
+    if g.get("required") is None:
+        return "-" if g.get("required_clean") is None else f"clean >= {g['required_clean']:.3f}"
+    return f">= {g['required']:.3f}: {g.get('outcome') or '-'}"
+
+
 def _table_rows(state: _Session) -> tuple[list[str], list[list[str]]]:
-    header = ["test", "model", "attack", "eps", "clean", "robust", "required", "baseline", "verdict", "result"]
+    """The three things in order: the figure (with its 95% interval), the evaluation status, the requirement."""
+    header = ["test", "model", "attack", "eps", "clean", "robust [95% CI]", "evaluation", "requirement", "baseline",
+              "result"]
     body = []
     for g in _rows(state):
         attack = g["attack"] if g["targeted"] == "none" else f"{g['attack']} (targeted: {g['targeted']})"
         eps = "none" if g["eps"] is None else f"{g['norm']} {g['eps']:g}"
-        body.append([g["test"], g["model"], attack, eps, _fmt(g["clean_accuracy"]), _fmt(g["robust_accuracy"]),
-                     _fmt(g["required"]), _fmt(g["baseline"]), g["verdict"], "PASS" if g["passed"] else "FAIL"])
+        body.append([g["test"], g["model"], attack, eps, _fmt(g["clean_accuracy"]), _robust_cell(g),
+                     str(g.get("evaluation") or "-"), _requirement_cell(g), _fmt(g["baseline"]),
+                     "PASS" if g["passed"] else "FAIL"])
     return header, body
 
 
@@ -707,8 +760,10 @@ def _markdown(state: _Session) -> str:
         lines += ["", "### Failures", ""]
         for g in failures:
             lines += [f"- `{escape(g['test'])}`: " + "; ".join(escape(f) for f in g["failures"])]
-    lines += ["", "Integrity checks: " + ("not run" if all(g["verdict"] == "not run" for g in _rows(state))
-                                          else "see the verdict column") + "."]
+    lines += ["", "robust: the worst case over every attack, with its 95% Wilson interval over n samples. "
+                  "evaluation: established (standard attack suite, every integrity check passed), weaker than "
+                  "standard (quick or no suite, or no checks), or not established (a check failed: the gate "
+                  "cannot be judged and fails). requirement: the gate's threshold and its outcome."]
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,8 @@ comparisons read saved results without a model or a re-run.
 
 Contract (documented in README.md):
 - results.json: {"schema", "metadata": {...}, "summary": [one record per (model, attack, norm,
-  eps, targeted)]}; NaN is written as null.
+  eps, targeted)]}; NaN is written as null. metadata["evaluation"] and metadata["requirements"]
+  hold the verdicts (robustlab.verdicts); files of schema /1 are upgraded when loaded.
 - samples.csv: one row per (model, sample, attack, eps, target).
 - examples.npz: a few clean and adversarial inputs for reports (see `example_key`), and the maps
   of the explanation stage (`explain|KIND|MODEL|KEY`).
@@ -29,7 +30,8 @@ import pandas as pd
 
 from robustlab.errors import InputError
 
-SCHEMA = "robustlab.results/1"
+SCHEMA = "robustlab.results/2"
+SCHEMAS_READ = ("robustlab.results/1", SCHEMA)  # /1 (no evaluation status, verdict "robust") is upgraded on load
 WORST_CASE = "worst-case"
 
 SUMMARY_COLUMNS = ["model", "attack", "norm", "eps", "targeted", "n", "clean_accuracy", "robust_accuracy",
@@ -131,7 +133,7 @@ def load(directory: str | os.PathLike) -> AuditResult:
         document = json.loads(results.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise InputError("results", f"cannot read {results}: {error}") from None
-    if document.get("schema") != SCHEMA:
+    if document.get("schema") not in SCHEMAS_READ:
         raise InputError("results", f"{results} has schema {document.get('schema')!r}; expected {SCHEMA!r}")
     summary = pd.DataFrame.from_records(document["summary"])
     if len(summary):
@@ -146,6 +148,10 @@ def load(directory: str | os.PathLike) -> AuditResult:
         with np.load(path / "examples.npz", allow_pickle=False) as arrays:
             examples = {key: arrays[key] for key in arrays.files}
     metadata = document.get("metadata", {})
+    if document["schema"] != SCHEMA:
+        from robustlab.verdicts import upgrade_metadata
+
+        metadata = upgrade_metadata(metadata, summary)
     tables = {}
     for name in metadata.get("tables", []) or []:
         _check_table_name(name)

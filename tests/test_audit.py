@@ -130,12 +130,47 @@ def test_several_models_side_by_side():
 def test_save_and_load_round_trip(result, tmp_path):
     result.save(tmp_path / "out")
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert doc["schema"] == "robustlab.results/1"
+    assert doc["schema"] == "robustlab.results/2"
     assert {r["attack"] for r in doc["summary"]} == {"fgsm", "pgd", "cw", "worst-case"}
     loaded = robustlab.load(tmp_path / "out")
     pd.testing.assert_frame_equal(loaded.samples, result.samples, check_exact=False, rtol=1e-8)
     pd.testing.assert_frame_equal(loaded.summary, result.summary, check_exact=False, rtol=1e-8, check_dtype=False)
     assert loaded.metadata == json.loads(json.dumps(doc["metadata"]))
+    # every audit carries its evaluation, checks or not: here no suite and no checks
+    assert [(v["eps"], v["status"], v["reasons"]) for v in doc["metadata"]["evaluation"]] == [
+        (e, "weaker than standard", ["no attack suite", "integrity checks not run"]) for e in (0.05, 0.15)]
+
+
+def test_results_of_schema_1_are_upgraded_on_load(result, tmp_path):
+    """A /1 file (verdict "robust", thresholds) reads as /2: evaluation recomputed, thresholds re-judged."""
+    from robustlab import verdicts
+
+    result.save(tmp_path / "old")
+    path = tmp_path / "old" / "results.json"
+    doc = json.loads(path.read_text())
+    meta = doc["metadata"]
+    evaluations = meta.pop("evaluation")
+    meta["verdict"] = [{"model": v["model"], "norm": v["norm"], "eps": v["eps"], "targeted": v["targeted"],
+                        "verdict": "robust", "robust_accuracy": v["robust_accuracy"], "reasons": []}
+                       for v in evaluations]
+    eps = evaluations[0]["eps"]
+    meta["thresholds"] = [{"metric": "robust_accuracy", "value": 0.01, "eps": eps,
+                           "description": f"robust_accuracy >= 0.01 at eps={eps:g}", "model": "cnn",
+                           "attack": "worst-case", "targeted": "none", "observed": 0.5, "passed": True}]
+    doc["schema"] = "robustlab.results/1"
+    path.write_text(json.dumps(doc))
+    old = robustlab.load(tmp_path / "old")
+    assert "verdict" not in old.metadata and "thresholds" not in old.metadata
+    assert old.metadata["migrated_from"] == "robustlab.results/1"
+    # the old "robust" becomes what the evidence supports: no checks were run, so weaker than standard
+    assert [v["status"] for v in old.metadata["evaluation"]] == [verdicts.WEAKER] * len(evaluations)
+    [judged] = old.metadata["requirements"]
+    assert judged["requirement"] == f"robust_accuracy >= 0.01 at eps={eps:g}" and judged["outcome"] == "meets"
+    old.save(tmp_path / "old")
+    assert json.loads(path.read_text())["schema"] == "robustlab.results/2"
+    with pytest.raises(InputError, match="schema"):
+        path.write_text(json.dumps(doc | {"schema": "robustlab.results/0"}))
+        robustlab.load(tmp_path / "old")
 
 
 def test_save_refuses_foreign_directory_and_leaves_nothing(result, tmp_path):

@@ -71,6 +71,8 @@ def test_defended_models_are_audited_saved_and_reloadable(defended_run, weights)
     assert state_dict_sha256(reloaded.module) == models["pgd-at"]["sha256"]
     html = (out / "report.html").read_text()
     assert "Defenses: what each bought" in html and "PGD-AT" in html
+    # --suite none: no figure is established, so no defense "bought" its change; each change is marked
+    assert "not a bought gain" in html and "bought +" not in html and "bought -" not in html
     assert not list(out.glob(".*tmp*")) and not list((out / "models").glob("*.tmp"))
 
 

@@ -178,17 +178,21 @@ def test_gates_are_exported_lazily_and_fail_with_assertion_errors():
     assert "FAIL model 'm', attack pgd at linf eps=0.1 (untargeted): robust_accuracy measured 0.4, " \
            "required >= 0.5" in message
     assert "clean accuracy of 'm': 0.9 (n=100)" in message
-    assert "integrity checks: not run" in message and "results: out/" in message
+    # a bare summary has no checks and no suite row: weaker than standard, judged on its figure
+    assert "evaluation: weaker than standard (no attack suite; integrity checks not run)" in message
+    assert "robust_accuracy measured 0.4, required >= 0.5 (min_accuracy): does not meet" in message
+    assert "results: out/" in message
     with pytest.raises(InputError, match="eps 0.05, 0.1"):
         robustlab.assert_robust(result, attack="pgd", eps=0.3, min_accuracy=0.5)
     with pytest.raises(InputError, match="no rows for attack 'cw'"):
         robustlab.assert_robust(result, attack="cw", eps=0.1, min_accuracy=0.5)
     with pytest.raises(InputError, match="no .* row of the result is in the baseline"):
         robustlab.assert_no_regression(result, _frame(fgsm_10=0.5))
-    # the verdict of integrity checks, once results carry one
-    result.metadata["integrity"] = {"verdict": "robustness not established"}
-    with pytest.raises(AssertionError, match="integrity checks: robustness not established"):
-        robustlab.assert_robust(result, attack="pgd", eps=0.1, min_accuracy=0.5)
+    # a failed integrity check: no threshold can pass, however low
+    result.metadata["checks"] = {"level": "default", "results": [
+        {"check": "gradients", "model": "m", "norm": None, "eps": None, "targeted": None, "status": "fail"}]}
+    with pytest.raises(AssertionError, match="cannot be judged; not established \\(failed checks: gradients"):
+        robustlab.assert_robust(result, attack="pgd", eps=0.05, min_accuracy=0.0)
 
 
 def test_report_directory_names_are_safe_and_distinct():
@@ -204,10 +208,12 @@ def test_passing_gate_and_summary_table(project):
     run.assert_outcomes(passed=1)
     run.stdout.fnmatch_lines([
         "*robustlab robustness gates*",
-        "test * model * attack * eps * clean * robust * required * baseline * verdict * result",
-        # the integrity checks ran (robustlab.integrity) and found nothing wrong with the linear model at eps 0.01;
-        # the gate reads the worst case over every attack the audit ran, not the marker's attack alone
-        "test_gate.py::test_small_eps_is_robust * linear * worst-case * linf 0.01 * 0.781 * 0.* 0.500 * - * robust * PASS",
+        # the figure (with its interval), the evaluation, then the requirement and its outcome
+        "test * model * attack * eps * clean * robust ?95% CI? * evaluation * requirement * baseline * result",
+        # the standard suite ran and the integrity checks found nothing wrong with the linear model at eps 0.01:
+        # established; the gate reads the worst case over every attack the audit ran, not the marker's attack alone
+        "test_gate.py::test_small_eps_is_robust * linear * worst-case * linf 0.01 * 0.781 * 0.* ?0.*, 0.*? * "
+        "established * >= 0.500: meets * - * PASS",
         "1 gates, 0 failed",
     ])
 
@@ -226,13 +232,19 @@ def test_failing_gate_names_model_attack_eps_and_values(project):
     assert ("FAIL model 'linear', attack worst-case at linf eps=0.2 (targeted: next): robust_accuracy measured "
             f"{targeted['robust_accuracy']:.4g}, required >= 0.95 (min_accuracy)") in out
     assert f"clean accuracy of 'linear': {untargeted['clean_accuracy']:.4g} (n=32)" in out
-    verdict = gates.verdict(robustlab.load(rep / "test_gate.py__test_large_eps"), model="linear", targeted="none")
-    assert verdict and f"integrity checks: {verdict}" in out and "integrity checks: not run" not in out
+    saved = robustlab.load(rep / "test_gate.py__test_large_eps")
+    evaluation = gates.evaluation(saved, model="linear", targeted="none", eps=0.1)
+    assert evaluation and f"evaluation: {evaluation}" in out
+    # the gate's requirement and outcome are saved with the results, and its report shows them
+    [judged] = saved.metadata["requirements"]
+    assert (judged["requirement"], judged["outcome"], judged["source"]) == (
+        "robust_accuracy >= 0.9 at eps=0.1", "does not meet", "@pytest.mark.robustness")
     assert f"results: {rep / 'test_gate.py__test_large_eps'}" in out
     if callable(getattr(robustlab.reports, "render", None)):  # the HTML report, once its renderer exists
         html = rep / "test_gate.py__test_large_eps" / "report.html"
         assert html.is_file() and f"(report: {html})" in out
-    run.stdout.fnmatch_lines(["*test_gate.py::test_large_eps * linear * worst-case * linf 0.1 * 0.900 * FAIL",
+        assert "does not meet" in html.read_text() and "no requirement set" not in html.read_text()
+    run.stdout.fnmatch_lines(["*test_gate.py::test_large_eps * linear * worst-case * linf 0.1 * >= 0.900: does not meet * FAIL",
                               "*test_gate.py::test_targeted * linear * worst-case (targeted: next) * linf 0.2 * FAIL",
                               "2 gates, 2 failed"])
 
@@ -316,10 +328,14 @@ def test_explicit(robustlab, model, data):
     for name in names:
         assert {"results.json", "samples.csv", "report.html"} <= {p.name for p in (rep / name).iterdir()}
         assert len(robustlab.load(rep / name).summary) >= 1
-    assert sorted(rendered) == sorted(rep / name for name in names)
+    assert sorted(set(rendered)) == sorted(rep / name for name in names)
+    # an audit() result is rendered when audited, and again once a gate has judged its requirement
+    assert rendered.count(rep / "test_gate.py__test_explicit") == 2
+    assert rendered.count(rep / "test_gate.py__test_large_eps") == 1
+    assert robustlab.load(rep / "test_gate.py__test_explicit").metadata["requirements"][0]["outcome"] == "meets"
     session = json.loads((rep / "session.json").read_text())
     assert session == json.loads((project.path / "gates.json").read_text()) | {"created": session["created"]}
-    assert session["schema"] == "robustlab.pytest-session/1" and session["passed"] is False
+    assert session["schema"] == "robustlab.pytest-session/2" and session["passed"] is False
     by_test = {g["test"]: g for g in session["gates"]}
     assert set(by_test) == {f"test_gate.py::{n.split('__')[1]}" for n in names}
     assert by_test["test_gate.py::test_explicit"]["attack"] == "worst-case"
@@ -327,7 +343,10 @@ def test_explicit(robustlab, model, data):
     assert by_test["test_gate.py::test_large_eps"]["required"] == 0.9
     assert by_test["test_gate.py::test_large_eps"]["results_dir"] == str(rep / "test_gate.py__test_large_eps")
     assert by_test["test_gate.py::test_small_eps_is_robust"]["passed"] is True
-    assert by_test["test_gate.py::test_small_eps_is_robust"]["verdict"] == "robust"
+    small = by_test["test_gate.py::test_small_eps_is_robust"]
+    assert (small["evaluation"], small["outcome"]) == ("established", "meets")
+    assert small["interval"][0] < small["robust_accuracy"] < small["interval"][1]
+    assert by_test["test_gate.py::test_large_eps"]["outcome"] == "does not meet"
     markdown = (rep / "summary.md").read_text()
     assert "4 gates, 2 failed." in markdown
     assert "| `test_gate.py::test_large_eps` | linear | worst-case | linf 0.1 |" in markdown and "❌ **FAIL**" in markdown
@@ -365,7 +384,7 @@ def test_audit_only(robustlab, model, data):
     assert f"vs baseline {first:.4g} (-0.2); required >= {first * 0.98:.4g} (allowed 2% of baseline" in out
     # pgd, and the pgd-margin and worst-case rows the integrity checks add: each 0.2 worse than the baseline
     assert "robustness regression: 3 of 3 checks failed (test_gate.py::test_audit_only)" in out
-    worse.stdout.fnmatch_lines([f"*test_small_eps_is_robust * linear * worst-case * linf 0.01 * 0.500 * {gated:.3f} *FAIL"])
+    worse.stdout.fnmatch_lines([f"*test_small_eps_is_robust * linear * worst-case * linf 0.01 * >= 0.500: meets * {gated:.3f} *FAIL"])
 
     quick = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json",
                                         "--robustlab-compare-fail", "robust_accuracy:50%", "--robustlab-quick")
@@ -383,7 +402,7 @@ def test_audit_only(robustlab, model, data):
     # a baseline without a fail criterion is shown, never enforced
     shown = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-baseline", "baseline.json")
     shown.assert_outcomes(passed=2)
-    shown.stdout.fnmatch_lines([f"*test_small_eps_is_robust * 0.500 * {gated:.3f} * robust * PASS"])
+    shown.stdout.fnmatch_lines([f"*test_small_eps_is_robust * established * >= 0.500: meets * {gated:.3f} * PASS"])
 
 
 def test_ini_options_and_command_line_override(project):

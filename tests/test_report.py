@@ -47,7 +47,13 @@ def test_report_sections_in_reading_order(rendered, results):
         assert f"<h2>{heading}</h2>" in text
     assert "Integrity checks: not run" not in text and "Integrity checks (default):" in text
     assert "Loss gradients are usable" in text and "worst-case robust accuracy" in text
-    assert "no thresholds set" in text
+    assert "no requirement set" in text
+    # no card calls the model robust: without a requirement it gives the figure, the status, "no requirement set"
+    section = text.split('<section id="verdict"')[1].split("</section>")[0]
+    verdict = _text(re.sub(r'<div class="integrity">.*?</details></div>', " ", section, flags=re.S))  # checks' evidence aside
+    assert _labels_robust(verdict) == [], _labels_robust(verdict)
+    assert verdict.index("Measured") < verdict.index("Evaluation") < verdict.index("Requirement")
+    assert "95% CI" in verdict and "weaker than standard" in verdict and "no attack suite" in verdict
     meta = json.loads((results / "results.json").read_text())["metadata"]
     assert meta["models"]["DigitsCNN"]["sha256"] in text and meta["data"]["sha256"] in text
     assert "worst-case" in text and "eps=0.2" in text and 'class="data sortable' in text
@@ -57,6 +63,19 @@ def test_report_sections_in_reading_order(rendered, results):
     # sections that have no results yet (defenses, explanations, checks) are not rendered as placeholders
     for absent in ("Defenses", "Explanations", "coming soon", "TODO"):
         assert absent not in text
+
+
+def _text(fragment: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", " ", fragment))
+
+
+def _plain(fragment: str) -> str:
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", "", fragment)).split())
+
+
+def _labels_robust(text: str) -> list[str]:
+    """Every use of 'robust' that is not part of 'robust accuracy', 'robust_accuracy' or 'robustlab'."""
+    return [m.group(0) for m in re.finditer(r"\brobust(?!ness)\b(?![ _]accuracy)[^.]{0,30}", text, re.IGNORECASE)]
 
 
 def test_report_is_self_contained_small_and_fast(rendered):
@@ -79,27 +98,38 @@ def test_summary_markdown(results, rendered):
     assert path == results / "summary.md"
     text = path.read_text()
     assert text.startswith("## robustlab audit: DigitsCNN")
-    assert "Verdict: no thresholds recorded" in text and "Integrity checks (default):" in text
-    assert "### Integrity verdict" in text
-    assert "### Worst-case robust accuracy" in text and "### Robust accuracy per attack" in text
-    assert "| DigitsCNN | linf | untargeted |" in text and "targeted (next)" in text
+    assert "Verdict: no requirement set." in text and "Integrity checks (default):" in text
+    assert "### Verdict per threat model" in text and "### Robust accuracy per attack" in text
+    # the three things in order: the figure with its interval, the evaluation, the requirement
+    row = next(line for line in text.splitlines() if line.startswith("| DigitsCNN | linf untargeted | 0.1 |"))
+    assert re.search(r"\| \*\*\d+\.\d%\*\* \(95% CI \d+\.\d–\d+\.\d%, n=60\) \| ⚠️ weaker than standard "
+                     r"\(no attack suite\) \| no requirement set \|$", row), row
+    assert "targeted (next)" in text
+    assert _labels_robust(text.split("### Robust accuracy per attack")[0].replace("\\_", "_")) == []
     assert "eps=0.05" in text and "eps=0.2" in text and "median L2" in text
     assert len(text) < 5000
 
 
-def test_cli_audit_records_thresholds_and_writes_report(tmp_path, capsys):
+def test_cli_audit_records_requirements_and_writes_report(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from report_support import trained
+
+    weights = tmp_path / "cnn.safetensors"
+    save_file({k: v.contiguous() for k, v in trained().state_dict().items()}, str(weights))
     out = tmp_path / "audit"
-    code = main(["audit", "--model", "robustlab.zoo:digits_cnn", "--data", "digits", "--out", str(out),
-                 "--attack", "fgsm", "--eps", "0.1", "--n", "10", "--quiet", "--output", "logits",
-                 "--fail-under", "clean_accuracy=0.99", "--fail-under", "robust_accuracy=0.0"])
-    assert code == 1  # an untrained model misses the clean-accuracy threshold
+    code = main(["audit", "--model", "robustlab.zoo:digits_cnn", "--weights", str(weights), "--data", "digits",
+                 "--out", str(out), "--attack", "fgsm", "--suite", "quick", "--eps", "0.1", "--n", "10", "--quiet",
+                 "--fail-under", "clean_accuracy=0.5", "--require", "robust_accuracy>=0.99"])
+    assert code == 1  # FGSM alone breaks more than 1% of the trained CNN at eps 0.1
     assert (out / "report.html").exists() and (out / "summary.md").exists()
     meta = json.loads((out / "results.json").read_text())["metadata"]
-    # one clean-accuracy check per summary row (the checks add pgd-margin and worst-case rows), then robust accuracy
-    assert [c["metric"] for c in meta["thresholds"]][-1] == "robust_accuracy"
-    assert [c["passed"] for c in meta["thresholds"]] == [False] * (len(meta["thresholds"]) - 1) + [True]
+    # robust accuracy on the worst case at each eps, clean accuracy once per model
+    assert [(c["metric"], c["source"], c["outcome"]) for c in meta["requirements"]] == [
+        ("robust_accuracy", "--require", "does not meet"), ("clean_accuracy", "--fail-under", "meets")]
+    assert [c["passed"] for c in meta["requirements"]] == [False, True]
     report = (out / "report.html").read_text()
-    assert "threshold missed" in report and "clean_accuracy &gt;= 0.99" in report
+    assert "does not meet" in report and "robust_accuracy &gt;= 0.99" in report and "clean_accuracy &gt;= 0.5" in report
     assert "❌" in (out / "summary.md").read_text()
     assert "report:" in capsys.readouterr().out
 
@@ -164,3 +194,36 @@ def test_user_supplied_text_is_escaped(hostile_dir):
     assert "<img src=x" not in text and "onerror=alert" not in text.replace("onerror=alert(1)&gt;", "")
     summary = write_summary(hostile_dir).read_text()
     assert "<script>" not in summary and "<img" not in summary
+
+
+def test_defenses_bought_points_only_between_established_figures():
+    """"bought N points" needs both figures established; otherwise the change is shown and marked."""
+    import pandas as pd
+
+    from robustlab.reports.sections import defenses
+    from robustlab.results import AuditResult
+
+    rows = []
+    for model, robust in (("base", 0.1), ("at", 0.6)):
+        for attack in ("pgd", "cascade", "worst-case"):
+            rows.append({"model": model, "attack": attack, "norm": "linf", "eps": 0.2, "targeted": "none", "n": 200,
+                         "clean_accuracy": 0.95, "robust_accuracy": robust})
+    metadata = {"models": {"base": {}, "at": {"defense": {"defense": "adversarial-training", "method": "pgd",
+                                                          "norm": "linf", "eps": 0.2, "steps": 10, "epochs": 5}}},
+                "checks": {"level": "default", "results": []}}
+    result = AuditResult(summary=pd.DataFrame(rows), samples=pd.DataFrame(), metadata=metadata)
+    text = _plain(defenses.render(result))
+    assert "at: bought +50.0 points of worst-case robust accuracy at eps=0.2" in text and "not a bought" not in text
+    # a failed check on the defended model: the same change, not a bought gain
+    metadata["checks"]["results"] = [{"check": "gradients", "model": "at", "norm": None, "eps": None,
+                                      "targeted": None, "status": "fail"}]
+    text = _plain(defenses.render(result))
+    assert "bought +50" not in text
+    assert ("at: +50.0 points of worst-case robust accuracy at eps=0.2, not a bought gain: at: not established "
+            "(failed checks: gradients)") in text
+    # a weaker evaluation of the baseline (no suite row) is marked too
+    metadata["checks"]["results"] = []
+    result = AuditResult(summary=pd.DataFrame([r for r in rows if not (r["model"] == "base" and r["attack"] == "cascade")]),
+                         samples=pd.DataFrame(), metadata=metadata)
+    text = _plain(defenses.render(result))
+    assert "not a bought gain: baseline base: weaker than standard (no attack suite)" in text

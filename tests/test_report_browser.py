@@ -8,11 +8,14 @@ Screenshots (full page, screen and print media) are saved under the test's tmp d
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+import robustlab
+from robustlab import gates
 from robustlab.reports import compare, render
 from report_support import XSS, demo_like, hostile
 
@@ -38,7 +41,17 @@ def reports(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     demo = demo_like(root / "demo")
     bad = hostile(root / "hostile")
-    return {"demo": render(demo), "hostile": render(bad), "compare": compare(demo, bad, root / "compare.html")}
+    # the same results judged against two requirements at eps 0.1, one below the figure, one above it
+    judged = root / "judged"
+    shutil.copytree(demo, judged)
+    result = robustlab.load(judged)
+    figure = result.robust_accuracy(eps=0.1)
+    low, high = round(figure - 0.05, 2), round(figure + 0.05, 2)
+    gates.record_requirements(result, gates.judge_requirements(
+        result, [f"robust_accuracy>={low}@0.1", f"robust_accuracy>={high}@0.1"]))
+    result.save(judged)
+    return {"demo": render(demo), "hostile": render(bad), "compare": compare(demo, bad, root / "compare.html"),
+            "judged": render(judged), "figure": figure, "requirements": (low, high)}
 
 
 class Visit:
@@ -83,7 +96,16 @@ def test_demo_report_in_chromium(browser, reports, tmp_path):
         for sid in ("verdict", "audited", "accuracy", "targeted", "per-class", "norms", "examples"):
             assert page.locator(f"section#{sid}").is_visible(), sid
         assert page.locator("#verdict .card").count() == 2  # untargeted and targeted (next)
-        assert page.locator("#verdict .card").first.inner_text().count("Integrity checks: not run") == 1
+        first = page.locator("#verdict .card").first.inner_text()
+        assert first.count("Integrity checks: not run") == 1
+        # the first card's words, in order: the figure with its interval, the evaluation, "no requirement set";
+        # nowhere does it call the model robust
+        words = " ".join(first.split())
+        assert re.search(r"MEASURED \d+\.\d% worst-case robust accuracy at eps=0\.2 · 95% CI \d+\.\d–\d+\.\d%, n=60 "
+                         r"EVALUATION weaker than standard no attack suite; integrity checks not run "
+                         r"REQUIREMENT no requirement set", words), words
+        assert not re.search(r"\brobust\b(?! accuracy)", words, re.IGNORECASE), words
+        assert page.locator("#verdict .card .badge").first.inner_text().lower() == "no requirement set"
         # every image decoded (inline data: URIs only)
         broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length")
         assert broken == 0 and page.evaluate("document.images.length") > 30
@@ -100,6 +122,30 @@ def test_demo_report_in_chromium(browser, reports, tmp_path):
         visit.shot(tmp_path, "report-demo-print", media="print")
         assert page.locator("nav.toc").is_hidden()  # print CSS
         assert visit.errors == [] and visit.outside() == []
+    finally:
+        visit.close()
+
+
+def test_first_card_reads_figure_evaluation_and_requirement(browser, reports, tmp_path):
+    """With requirements at eps 0.1 the first card leads with that eps: the figure and its interval, the
+    evaluation status, then each requirement's outcome (one met, one not)."""
+    visit = Visit(browser, reports["judged"])
+    page = visit.page
+    try:
+        assert visit.errors == [] and visit.outside() == []
+        card = page.locator("#verdict .card").first
+        words = " ".join(card.inner_text().split())
+        low, high = reports["requirements"]
+        figure = f"{reports['figure'] * 100:.1f}%"
+        expected = (f"MEASURED {figure} worst-case robust accuracy at eps=0.1 · 95% CI ")
+        assert expected in words, words
+        assert words.index(expected) < words.index("EVALUATION weaker than standard") < words.index("REQUIREMENT")
+        after = words[words.index("REQUIREMENT"):]
+        assert f"✓ meets robust_accuracy >= {low:g} at eps=0.1" in after, after
+        assert f"✗ does not meet robust_accuracy >= {high:g} at eps=0.1" in after, after
+        assert card.locator(".badge").inner_text().lower() == "does not meet"
+        assert not re.search(r"\brobust\b(?! accuracy)", words, re.IGNORECASE), words
+        visit.shot(tmp_path, "report-judged")
     finally:
         visit.close()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from robustlab import verdicts as V
 from robustlab.results import WORST_CASE, AuditResult
 
 from .. import facts, figures
@@ -58,11 +59,14 @@ def render(result: AuditResult) -> str:
         cells.append(cell(_how_audited(result, model, d), cls="l"))
         rows.append("<tr>" + "".join(cells) + "</tr>")
         if d and base is not None and eps_list:
-            lines.append(_bought(model, d, clean, base_clean, robust, base_robust, eps_list))
+            e = max(eps_list)
+            lines.append(_bought(model, d, clean, base_clean, robust, base_robust, e,
+                                 _unestablished(result, {model: model, "baseline " + base: base}, e)))
     headers = ["model", "defense", "clean", *[f"worst case eps={e:g}" for e in eps_list], "attacked"]
     html = ('<p class="note">Worst-case robust accuracy over every attack (untargeted), with the change against the '
             f'undefended baseline <b>{esc(base) if base else "(none audited)"}</b> in points. A defense is only as good '
-            'as the attacks that test it: read the integrity checks in the verdict before trusting a gain.</p>')
+            'as the attacks that test it: a gain is only "bought" between figures whose evaluation is established '
+            '(standard attack suite, every integrity check passed); other changes are marked.</p>')
     html += table(headers, rows, sortable=True, cls="defenses", text=2)
     if lines:
         html += "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>"
@@ -70,15 +74,27 @@ def render(result: AuditResult) -> str:
     return html
 
 
-def _verdict_mark(result: AuditResult, model: str, eps: float) -> str:
-    """A warning under a figure the integrity checks do not back (robustness not established)."""
-    from robustlab.integrity import NOT_ESTABLISHED, find
+def _evaluation(result: AuditResult, model: str, eps: float) -> dict | None:
+    return V.find(V.records(result.metadata, result.summary), model, None, eps, "none")
 
-    entry = find(result.metadata, model, None, eps, "none")
-    if entry is None or entry.get("verdict") != NOT_ESTABLISHED:
+
+def _verdict_mark(result: AuditResult, model: str, eps: float) -> str:
+    """A mark under a figure whose evaluation is not established (or weaker than standard)."""
+    entry = _evaluation(result, model, eps)
+    if entry is None or entry.get("status") == V.ESTABLISHED:
         return ""
-    reasons = ", ".join(entry.get("reasons") or [])
-    return f'<br><span class="down">not established ({esc(reasons)})</span>'
+    cls = "down" if entry.get("status") == V.NOT_ESTABLISHED else "muted"
+    return f'<br><span class="{cls}">{esc(V.status_label(entry))}</span>'
+
+
+def _unestablished(result: AuditResult, models: dict[str, str], eps: float) -> list[str]:
+    """'name: status (reasons)' for each of the models whose figure at eps is not established."""
+    out = []
+    for label, model in models.items():
+        entry = _evaluation(result, model, eps)
+        if entry is None or entry.get("status") != V.ESTABLISHED:
+            out.append(f"{label}: {V.status_label(entry)}")
+    return out
 
 
 def describe(d: dict) -> str:
@@ -129,13 +145,18 @@ def _how_audited(result: AuditResult, model: str, d: dict | None) -> str:
     return "white-box" if d is None or d.get("combine") != "vote" else "transfer"
 
 
-def _bought(model, d, clean, base_clean, robust, base_robust, eps_list) -> str:
-    e = max(eps_list)
+def _bought(model, d, clean, base_clean, robust, base_robust, e, unestablished: list[str]) -> str:
+    """What the defense bought at the largest eps: "bought N points" only between established figures."""
     gain = None if robust.get(e) is None or base_robust.get(e) is None else 100 * (robust[e] - base_robust[e])
     change = None if clean is None or base_clean is None else 100 * (clean - base_clean)
     text = f"<b>{esc(model)}</b>: "
-    text += (f"{gain:+.1f} points of worst-case robust accuracy at eps={e:g}" if gain is not None
-             else "no robust figure")
+    if gain is None:
+        text += "no robust figure"
+    elif not unestablished:
+        text += f"bought {gain:+.1f} points of worst-case robust accuracy at eps={e:g}"
+    else:
+        text += (f'{gain:+.1f} points of worst-case robust accuracy at eps={e:g}, <span class="down">not a bought gain: '
+                 f"{esc('; '.join(unestablished))}</span>")
     text += f", {change:+.1f} points of clean accuracy" if change is not None else ""
     if d.get("defense") == "distillation":
         text += (". Distillation saturates the softmax, which blinds cross-entropy attacks (Carlini and Wagner 2016); "

@@ -1,7 +1,14 @@
-"""1. The verdict: per model and threat model, in one glance."""
+"""1. The verdict: per model and threat model, three things in this order.
+
+What was measured (the worst-case robust accuracy, with its 95% Wilson interval over n), whether
+that figure can be trusted (the evaluation status), and whether it meets the requirement the user
+set (or "no requirement set"). No card calls a model robust: only a requirement can say it is
+robust enough (robustlab.verdicts).
+"""
 
 from __future__ import annotations
 
+from robustlab import verdicts as V
 from robustlab.results import AuditResult
 
 from .. import facts
@@ -10,9 +17,8 @@ from ..serializers.html import esc, heat
 ID = "verdict"
 TITLE = "Verdict"
 
-_BADGE = {"pass": ("pass", "thresholds met"), "fail": ("fail", "threshold missed"),
-          "none": ("none", "no thresholds set")}
-_VERDICT_CLASS = {"robust": "ok", "not robust": "bad", "robustness not established": "bad"}
+_OUTCOME_CLASS = {V.MEETS: "pass", V.DOES_NOT_MEET: "fail", V.CANNOT_JUDGE: "fail", V.NO_REQUIREMENT: "none"}
+_STATUS_CLASS = {V.ESTABLISHED: "est", V.WEAKER: "warn", V.NOT_ESTABLISHED: "bad"}  # green is for "meets" only
 _MARK = {"pass": '<span class="ok">✓</span>', "fail": '<span class="bad">✗</span>', "skipped": '<span class="muted">–</span>'}
 
 
@@ -23,71 +29,126 @@ def applies(result: AuditResult) -> bool:
 def render(result: AuditResult) -> str:
     lines = facts.threat_models(result)
     cards = "".join(_card(t) for t in lines)
-    return f'<p class="lead">{_lead(lines)}</p><div class="cards">{cards}</div>'
+    return (f'<p class="lead">{_lead(lines, facts.requirements(result.metadata))}</p>'
+            f'<div class="cards verdicts">{cards}</div><p class="note">{_legend()}</p>')
 
 
-def _lead(lines: list[facts.ThreatModel]) -> str:
-    failed = [t for t in lines if t.status == "fail"]
-    checked = [t for t in lines if t.status != "none"]
-    if failed:
-        head = f'<span class="bad">{len(failed)} of {len(lines)} threat models missed a threshold.</span> '
-    elif checked:
-        head = '<span class="ok">Every recorded threshold was met.</span> '
+def _lead(lines: list[facts.ThreatModel], judged: list[dict]) -> str:
+    if judged:
+        counts = {o: sum(1 for j in judged if j.get("outcome") == o) for o in V.OUTCOMES}
+        parts = [f'<span class="ok">{counts[V.MEETS]} met</span>' if counts[V.MEETS] else "",
+                 f'<span class="bad">{counts[V.DOES_NOT_MEET]} not met</span>' if counts[V.DOES_NOT_MEET] else "",
+                 f'<span class="bad">{counts[V.CANNOT_JUDGE]} cannot be judged</span>' if counts[V.CANNOT_JUDGE] else ""]
+        head = f"<b>Requirements:</b> {', '.join(p for p in parts if p)} (of {len(judged)} checked). "
     else:
-        head = "No pass/fail thresholds were recorded for this run. "
-    text = ("Robust accuracy is the worst case over all attacks at each budget (a sample counts as robust "
-            "only if every attack failed on it). ")
-    if lines and lines[0].checked:
-        established = sum(1 for t in lines for v in t.verdicts.values() if v.get("verdict") == "robustness not established")
-        text += (f"Integrity checks ({esc(lines[0].checks_level)}) ran; adaptive attacks are included in the worst case. "
-                 + (f'<span class="bad">Robustness is not established for {established} (threat model, eps) '
-                    f"pair{'s' if established != 1 else ''}: a check says the attacks may be blind.</span>"
-                    if established else ""))
-    else:
-        text += "The integrity checks that would establish these numbers were not run."
+        head = ("<b>No requirement set.</b> The figures below are measurements, not a pass: whether they are enough "
+                "is for a requirement to say (<code>--require robust_accuracy&gt;=0.6@8/255</code>, a pytest marker, "
+                "or <code>require = [...]</code> under <code>[tool.robustlab]</code>). ")
+    text = ""
+    unproven = sum(1 for t in lines for v in t.evaluations.values() if v.get("status") == V.NOT_ESTABLISHED)
+    if unproven:
+        text += (f' <span class="bad">{unproven} (threat model, eps) figure{"s are" if unproven != 1 else " is"} '
+                 "not established: a check says the attacks may be blind.</span>")
     return head + text
 
 
+def _legend() -> str:
+    return ("Each card gives, in this order: <b>measured</b>, the worst-case robust accuracy over every attack (a "
+            f"sample counts only if every attack failed on it) with its {V.CONFIDENCE:.0%} Wilson interval over the n "
+            "samples; <b>evaluation</b>, whether that figure can be trusted (<b>established</b>: the standard attack "
+            "suite ran and every integrity check passed; <b>weaker than standard</b>: a reduced suite or no checks, "
+            "so the figure is an upper bound from a weaker evaluation; <b>not established</b>: a check failed, the "
+            "attacks may be blind); <b>requirement</b>, the outcome of the requirement you set (a figure that is not "
+            "established cannot be judged).")
+
+
 def _card(t: facts.ThreatModel) -> str:
-    cls, badge = _BADGE[t.status]
-    largest = max(t.worst) if t.worst else None
-    big = ""
-    if largest is not None:
-        value = t.worst[largest]
-        color = f"hsl({120 * max(0.0, min(1.0, value)):.0f} 65% 32%)"
-        big = (f'<div class="arrow">→</div><div class="big" style="color: {color}">{facts.pct(value)}'
-               f'<small>worst-case robust accuracy at eps={largest:g}</small></div>')
-    steps = "".join(f'<span class="step" style="{heat(v)}">eps {e:g}: <b>{facts.pct(v)}</b></span>'
-                    for e, v in sorted(t.worst.items()))
-    checks = ""
-    if t.thresholds:
-        items = []
-        for c in t.thresholds:
-            mark = '<span class="ok">✓ met</span>' if c.get("passed") else '<span class="bad">✗ missed</span>'
-            observed = c.get("observed")
-            seen = f" (observed {facts.num(observed, '.4g')})" if facts.is_num(observed) else ""
-            where = " · ".join(esc(x) for x in (c.get("attack"), f"eps={c['eps']:g}" if facts.is_num(c.get("eps")) else None) if x)
-            items.append(f"<li>{mark} {esc(c.get('description') or c.get('metric'))}{seen}"
-                         f"{' — ' + where if where else ''}</li>")
-        checks = f'<ul class="checks">{"".join(items)}</ul>'
+    outcome = t.outcome
+    cls = _OUTCOME_CLASS[outcome]
+    eps = t.headline
+    record = t.evaluations.get(eps) if eps is not None else None
+    figure = record.get("robust_accuracy") if record else (t.worst.get(eps) if eps is not None else None)
     attacks = ", ".join(esc(a) for a in t.attacks) or "–"
+    verdict = ""
+    if eps is not None:
+        status = str((record or {}).get("status") or "")
+        verdict = (
+            '<ol class="verdict">'
+            f'<li><span class="label">Measured</span><span class="big">{facts.pct(figure)}</span>'
+            f'<small>worst-case robust accuracy at eps={eps:g}'
+            f'{" · " + esc(facts.interval_text(record)) if record and record.get("interval") else ""}</small></li>'
+            f'<li><span class="label">Evaluation</span><b class="{_STATUS_CLASS.get(status, "")}">'
+            f'{esc(status or "not evaluated")}</b><small>{esc(_status_detail(record))}</small></li>'
+            f'<li><span class="label">Requirement</span>{_requirement(t, eps)}</li></ol>')
+    rows = "".join(_row(t, e, v) for e, v in sorted(t.evaluations.items()))
+    per_eps = (f'<table class="data verdicts"><thead><tr><th class="l">eps</th>'
+               f'<th>worst-case robust accuracy ({V.CONFIDENCE:.0%} CI)</th><th class="l">evaluation</th>'
+               f'<th class="l">requirement</th></tr></thead><tbody>{rows}</tbody></table>') if rows else ""
+    others = [j for j in t.requirements if j.get("metric") != "robust_accuracy" or j.get("model") is None]
+    extra = ""
+    if others:
+        extra = '<ul class="checks">' + "".join(f"<li>{_judgement(j)}</li>" for j in others) + "</ul>"
+    badge = esc(outcome if outcome != V.MEETS else "meets the requirement")
     return (f'<div class="card {cls}"><h3><span>{esc(t.model)}</span><span class="badge {cls}">{badge}</span></h3>'
-            f'<div class="tm">{esc(t.norm)} · {esc(t.mode_label)} · n={t.n} · attacks: {attacks}</div>'
-            f'<div class="bigrow"><div class="big">{facts.pct(t.clean)}<small>clean accuracy</small></div>{big}</div>'
-            f'<div class="steps"><span class="muted">worst case by budget:</span> {steps}</div>{checks}'
-            f'{_integrity(t)}</div>')
+            f'<div class="tm">{esc(t.norm)} · {esc(t.mode_label)} · n={t.n} · attacks: {attacks} · '
+            f'clean accuracy {facts.pct(t.clean)}</div>{verdict}{per_eps}{extra}{_integrity(t)}</div>')
+
+
+def _status_detail(record: dict | None) -> str:
+    if not record:
+        return ""
+    failed = record.get("failed_checks") or []
+    reductions = record.get("reductions") or []
+    if record.get("status") == V.ESTABLISHED:
+        return "standard attack suite; every applicable integrity check passed"
+    parts = ([f"failed checks: {', '.join(map(str, failed))}"] if failed else []) + [str(r) for r in reductions]
+    return "; ".join(parts)
+
+
+def _requirement(t: facts.ThreatModel, eps: float) -> str:
+    judged = t.at(eps)
+    if not judged and not t.requirements:
+        return f'<b>{esc(V.NO_REQUIREMENT)}</b><small>this figure is a measurement, not a pass</small>'
+    if not judged:
+        return '<b>none at this eps</b><small>see the requirements below</small>'
+    return "".join(f'<div>{_judgement(j, short=True)}</div>' for j in judged)
+
+
+def _judgement(j: dict, short: bool = False) -> str:
+    outcome = str(j.get("outcome"))
+    cls = {V.MEETS: "ok", V.DOES_NOT_MEET: "bad", V.CANNOT_JUDGE: "bad"}.get(outcome, "")
+    mark = "✓" if outcome == V.MEETS else "✗"
+    observed = j.get("observed")
+    seen = "" if short or not facts.is_num(observed) else f" (observed {facts.num(observed, '.4g')})"
+    where = "" if short else " — " + " · ".join(esc(x) for x in (
+        j.get("model"), j.get("attack"), f"eps={float(j['eps']):g}" if facts.is_num(j.get("eps")) else None) if x)
+    why = f'<small>{esc(j.get("reason"))}</small>' if outcome == V.CANNOT_JUDGE and j.get("reason") else ""
+    note = f'<small>{esc(j.get("note"))}</small>' if j.get("note") else ""
+    return (f'<b class="{cls}">{mark} {esc(outcome)}</b> {esc(j.get("requirement") or j.get("metric"))}{seen}'
+            f'{where if where != " — " else ""}{why}{note}')
+
+
+def _row(t: facts.ThreatModel, eps: float, record: dict) -> str:
+    status = str(record.get("status") or "")
+    judged = t.at(eps)
+    requirement = ("<br>".join(f'<span class="{"ok" if j.get("outcome") == V.MEETS else "bad"}">{esc(j.get("outcome"))}'
+                             f'</span> {esc(j.get("requirement"))}' for j in judged)
+                   if judged else f'<span class="muted">{esc(V.NO_REQUIREMENT if not t.requirements else "–")}</span>')
+    low_high = record.get("interval")
+    ci = f' <span class="muted">[{facts.pct(low_high[0])}, {facts.pct(low_high[1])}]</span>' if low_high else ""
+    value = record.get("robust_accuracy")
+    shade = heat(float(value)) if value is not None and facts.is_num(value) else ""
+    return (f'<tr><td class="l">{eps:g}</td><td style="{shade}"><b>{facts.pct(value)}</b>{ci}</td>'
+            f'<td class="l"><span class="{_STATUS_CLASS.get(status, "")}">{esc(status)}</span>'
+            f'{" <small class=muted>(" + esc(_status_detail(record)) + ")</small>" if status != V.ESTABLISHED and _status_detail(record) else ""}'
+            f'</td><td class="l">{requirement}</td></tr>')
 
 
 def _integrity(t: facts.ThreatModel) -> str:
-    """The verdict per budget and every check with its evidence and next step (or: not run)."""
+    """Every check with its evidence and next step (or: not run)."""
     if not t.checked:
         return ('<div class="integrity"><b>Integrity checks: not run.</b> Gradient masking and weak-attack checks '
-                'are not part of this run, so robustness is measured but not established.</div>')
-    verdicts = "".join(
-        f'<li>eps {e:g}: <b class="{_VERDICT_CLASS.get(str(v.get("verdict")), "")}">{esc(v.get("verdict"))}</b> '
-        f'(worst-case robust accuracy {facts.pct(v.get("robust_accuracy"))}'
-        f'{"; failed checks: " + esc(", ".join(v.get("reasons") or [])) if v.get("reasons") else ""})</li>'
-        for e, v in sorted(t.verdicts.items()))
+                'are not part of this run, so no figure here is established.</div>')
     counts = {s: sum(1 for c in t.checks if c.get("status") == s) for s in ("pass", "fail", "skipped")}
     items = []
     for c in sorted(t.checks, key=lambda c: {"fail": 0, "pass": 1, "skipped": 2}.get(str(c.get("status")), 3)):
@@ -99,6 +160,6 @@ def _integrity(t: facts.ThreatModel) -> str:
         items.append(f"<li>{_MARK.get(str(c.get('status')), '')} {esc(c.get('title') or c.get('check'))}"
                      f"{esc(where)} <span class=\"muted\">[{esc(c.get('check'))}]</span>{detail}</li>")
     return (f'<div class="integrity"><b>Integrity checks ({esc(t.checks_level)}):</b> {counts["pass"]} passed, '
-            f'{counts["fail"]} failed, {counts["skipped"]} skipped.<ul class="checks">{verdicts}</ul>'
+            f'{counts["fail"]} failed, {counts["skipped"]} skipped.'
             f'<details{" open" if counts["fail"] else ""}><summary>each check</summary>'
             f'<ul class="checks">{"".join(items)}</ul></details></div>')

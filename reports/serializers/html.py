@@ -100,7 +100,17 @@ code, .mono { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, "Dej
 .step { font-size: 12.5px; padding: 3px 8px; border-radius: 6px; white-space: nowrap; }
 .checks { margin: 6px 0 0; padding: 0; list-style: none; font-size: 13px; }
 .checks li { margin: 3px 0; overflow-wrap: anywhere; }
-.ok { color: var(--pass); font-weight: 700; } .bad { color: var(--fail); font-weight: 700; }
+.ok { color: var(--pass); font-weight: 700; } .bad { color: var(--fail); font-weight: 700; } .warn { color: var(--warn); font-weight: 700; } .est { color: var(--accent); font-weight: 700; }
+ol.verdict { list-style: none; padding: 0; margin: 8px 0 10px; display: grid; grid-template-columns: 1.15fr 1fr 1fr; gap: 8px; }
+ol.verdict li { background: var(--panel); border-radius: 6px; padding: 7px 10px; overflow-wrap: anywhere; }
+ol.verdict .label { display: block; font-size: 11px; font-weight: 600; text-transform: uppercase; letter-spacing: .05em; color: var(--muted); }
+ol.verdict .big { display: block; }
+ol.verdict b { font-size: 15px; }
+ol.verdict small { display: block; font-size: 12px; font-weight: 500; color: var(--muted); }
+.cards.verdicts { grid-template-columns: 1fr; }
+table.verdicts { margin: 4px 0 8px; width: 100%; }
+table.verdicts td:first-child { white-space: nowrap; overflow-wrap: normal; }
+table.verdicts td small { font-size: 11.5px; }
 table.compact td.l, table.compact th { white-space: nowrap; }
 .up { color: var(--pass); font-size: 12px; } .down { color: var(--fail); font-size: 12px; }
 .integrity { margin-top: 10px; font-size: 13px; padding: 6px 10px; border-radius: 6px; background: var(--warn-bg); color: #5c4300; }
@@ -153,7 +163,7 @@ footer { margin-top: 40px; padding-top: 12px; border-top: 1px solid var(--line);
   tr { break-inside: avoid; }
   summary { color: #000; }
   a { color: #000; text-decoration: none; }
-  .card, .badge, .step, .integrity, td { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
+  .card, .badge, .step, .integrity, ol.verdict li, td { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
   @page { margin: 14mm 12mm; }
 }
 """

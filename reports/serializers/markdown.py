@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from robustlab import verdicts as V
 from robustlab.results import WORST_CASE, AuditResult
 
 from .. import facts
@@ -28,8 +29,22 @@ def _table(headers: list[str], rows: list[list[str]], text: int = 1) -> list[str
         ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _status(t: facts.ThreatModel) -> str:
-    return {"pass": "✅ thresholds met", "fail": "❌ threshold missed", "none": "no thresholds set"}[t.status]
+_OUTCOME_MARK = {V.MEETS: "✅ meets", V.DOES_NOT_MEET: "❌ does not meet", V.CANNOT_JUDGE: "❌ cannot be judged"}
+_STATUS_MARK = {V.ESTABLISHED: "established", V.WEAKER: "⚠️ weaker than standard", V.NOT_ESTABLISHED: "⚠️ not established"}
+
+
+def _status(record: dict) -> str:
+    label = V.status_label(record)
+    status = str(record.get("status"))
+    return md(_STATUS_MARK.get(status, status) + label[len(status):])
+
+
+def _requirement(t: facts.ThreatModel, eps: float) -> str:
+    judged = t.at(eps)
+    if not judged:
+        return V.NO_REQUIREMENT if not t.requirements else "–"
+    return "; ".join(f"{_OUTCOME_MARK.get(str(j.get('outcome')), md(j.get('outcome')))} {md(j.get('requirement'))}"
+                     for j in judged)
 
 
 def summary(result: AuditResult, *, report: str | None = None) -> str:
@@ -42,35 +57,46 @@ def summary(result: AuditResult, *, report: str | None = None) -> str:
             f"{md(result.metadata.get('started', ''))[:19]}" if result.metadata.get("started") else ""]
     if any(meta):
         out += [" · ".join(m for m in meta if m), ""]
-    failed = [t for t in lines if t.status == "fail"]
-    if failed:
-        out.append(f"**Verdict: ❌ {len(failed)} of {len(lines)} threat models missed a threshold.**")
-    elif any(t.status == "pass" for t in lines):
-        out.append("**Verdict: ✅ every recorded threshold was met.**")
+    judged = facts.requirements(result.metadata)
+    if judged:
+        counts = {o: sum(1 for j in judged if j.get("outcome") == o) for o in V.OUTCOMES}
+        bad = counts[V.DOES_NOT_MEET] + counts[V.CANNOT_JUDGE]
+        out.append(f"**Verdict: {'❌' if bad else '✅'} requirements: {counts[V.MEETS]} met, "
+                   f"{counts[V.DOES_NOT_MEET]} not met, {counts[V.CANNOT_JUDGE]} cannot be judged.**")
     else:
-        out.append("**Verdict: no thresholds recorded.**")
-    out += ["", *_integrity_head(result, lines), ""]
-
-    eps_list = facts.eps_values(result.summary)
+        out.append("**Verdict: no requirement set.** The figures are measurements, not a pass; set one with "
+                   "`--require robust_accuracy>=VALUE@EPS` or `[tool.robustlab]`.")
+    out.append("")
     if lines:
-        out += ["### Worst-case robust accuracy", ""]
+        out += ["### Verdict per threat model", "",
+                f"Worst-case robust accuracy over every attack ({V.CONFIDENCE:.0%} Wilson interval over n), whether "
+                "that figure can be trusted, and the requirement's outcome.", ""]
         rows = []
         for t in lines:
-            rows.append([md(t.model), md(t.norm), md(t.mode_label), facts.pct(t.clean)] +
-                        [facts.pct(t.worst.get(e)) if e in t.worst else "–" for e in eps_list] + [_status(t)])
-        out += _table(["model", "norm", "threat model", "clean", *[f"eps={e:g}" for e in eps_list], "verdict"], rows, 3)
+            for e, v in sorted(t.evaluations.items()):
+                rows.append([md(t.model), md(f"{v.get('norm')} {t.mode_label}"), f"{e:g}",
+                             f"**{facts.pct(v.get('robust_accuracy'))}** ({md(facts.interval_text(v))})",
+                             _status(v), _requirement(t, e)])
+        out += _table(["model", "threat model", "eps", "worst-case robust accuracy", "evaluation", "requirement"],
+                      rows, 6)
         out.append("")
+    out += [*_integrity_head(result, lines), ""]
+
+    eps_list = facts.eps_values(result.summary)
     out += _integrity(result, lines)
-    checks = [c for t in lines for c in t.thresholds]
-    if checks:
-        out += ["### Thresholds", ""]
-        for c in facts.thresholds(result.metadata):
-            mark = "✅" if c.get("passed") else "❌"
-            observed = f": {facts.num(c.get('observed'), '.4g')}" if facts.is_num(c.get("observed")) else ""
-            where = " ".join(md(x) for x in (c.get("model"), c.get("attack"),
-                                              f"eps={c['eps']:g}" if facts.is_num(c.get("eps")) else None,
-                                              c.get("targeted")) if x)
-            out.append(f"- {mark} {md(c.get('description') or c.get('metric'))}{' (' + where + ')' if where else ''}{observed}")
+    if judged:
+        out += ["### Requirements", ""]
+        for j in judged:
+            mark = _OUTCOME_MARK.get(str(j.get("outcome")), md(j.get("outcome")))
+            observed = f": {facts.num(j.get('observed'), '.4g')}" if facts.is_num(j.get("observed")) else ""
+            where = " ".join(md(x) for x in (j.get("model"), j.get("attack"),
+                                              f"eps={j['eps']:g}" if facts.is_num(j.get("eps")) else None,
+                                              facts.mode_label(str(j["targeted"])) if j.get("targeted") else None)
+                             if x)
+            why = f" — {md(j.get('reason'))}" if j.get("outcome") == V.CANNOT_JUDGE and j.get("reason") else ""
+            note = f" — {md(j.get('note'))}" if j.get("note") else ""
+            out.append(f"- {mark} {md(j.get('requirement') or j.get('metric'))}{' (' + where + ')' if where else ''}"
+                       f"{observed}{why}{note}")
         out.append("")
 
     bounded = facts.bounded(result.summary)
@@ -103,29 +129,22 @@ def summary(result: AuditResult, *, report: str | None = None) -> str:
 def _integrity_head(result: AuditResult, lines: list[facts.ThreatModel]) -> list[str]:
     level = facts.checks_level(result.metadata)
     if level in (None, "none"):
-        return ["Integrity checks: **not run** (robustness measured, not established)."]
+        return ["Integrity checks: **not run** (no figure is established)."]
     results = facts.check_results(result.metadata)
     counts = {s: sum(1 for c in results if c.get("status") == s) for s in ("pass", "fail", "skipped")}
-    unproven = sum(1 for v in facts.verdict_records(result.metadata) if v.get("verdict") == "robustness not established")
+    unproven = sum(1 for t in lines for v in t.evaluations.values() if v.get("status") == V.NOT_ESTABLISHED)
     text = (f"Integrity checks ({md(level)}): {counts['pass']} passed, **{counts['fail']} failed**, "
             f"{counts['skipped']} skipped; adaptive attacks are included in the worst case.")
     if unproven:
-        text += f" **Robustness not established** for {unproven} (threat model, eps) pair{'s' if unproven != 1 else ''}."
+        text += f" **Not established** for {unproven} (threat model, eps) pair{'s' if unproven != 1 else ''}."
     return [text]
 
 
 def _integrity(result: AuditResult, lines: list[facts.ThreatModel]) -> list[str]:
-    """Verdict per threat model and eps, then each failed check with its evidence and next step."""
-    records = facts.verdict_records(result.metadata)
-    if facts.checks_level(result.metadata) in (None, "none") or not records:
+    """Each failed check with its evidence and next step, then the adaptive attacks run."""
+    if facts.checks_level(result.metadata) in (None, "none"):
         return []
-    mark = {"robust": "✅ robust", "not robust": "❌ not robust", "robustness not established": "⚠️ robustness not established"}
-    rows = [[md(v.get("model")), md(facts.mode_label(str(v.get("targeted")))), facts.eps_label(v.get("eps")),
-             mark.get(str(v.get("verdict")), md(v.get("verdict"))), facts.pct(v.get("robust_accuracy")),
-             md(", ".join(v.get("reasons") or [])) or "–"] for v in records]
-    out = ["### Integrity verdict", ""]
-    out += _table(["model", "threat model", "eps", "verdict", "worst-case robust", "failed checks"], rows, 4)
-    out.append("")
+    out: list[str] = []
     failed = [c for c in facts.check_results(result.metadata) if c.get("status") == "fail"]
     if failed:
         out += ["### Failed checks", ""]

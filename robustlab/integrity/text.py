@@ -1,10 +1,10 @@
-"""What each check means and what to do when it fires: the words users read (no torch here)."""
+"""What each check means and what to do when it fires: the words users read (no torch here).
+
+The words of verdicts themselves (evaluation status, requirement outcomes) are the ground floor's:
+robustlab.verdicts.
+"""
 
 from __future__ import annotations
-
-ROBUST = "robust"
-NOT_ROBUST = "not robust"
-NOT_ESTABLISHED = "robustness not established"
 
 # check id -> (title, what it means when it fires, what to do next)
 CHECKS: dict[str, tuple[str, str, str]] = {
@@ -60,14 +60,6 @@ CHECKS: dict[str, tuple[str, str, str]] = {
         "(typical of defensive distillation) and the cross-entropy gradient vanishes.",
         "Use the margin loss (--loss margin) or CW; the pgd-margin rows are in the results."),
 }
-
-VERDICT_TEXT = {
-    ROBUST: "the attacks failed and every applicable check passed",
-    NOT_ROBUST: "the attacks (adaptive ones included) broke the model at this budget",
-    NOT_ESTABLISHED: "the attacks failed, but a check says they may be blind, or the attack suite was weaker than "
-                     "the standard cascade; do not rely on this robust accuracy",
-}
-
 
 def title(check: str) -> str:
     return CHECKS.get(check, (check, "", ""))[0]

@@ -157,7 +157,7 @@ def _defense_options(p: argparse.ArgumentParser, *, default: str | None) -> None
 def _attack_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attacks")
     g.add_argument("--attack", default="fgsm,pgd,cw",
-                   help="comma-separated: fgsm, pgd, cw, apgd-ce, apgd-t, square, foolbox:NAME (reported beside "
+                   help="comma-separated: fgsm, pgd, cw, apgd-ce, apgd-t, fab-t, square, foolbox:NAME (reported beside "
                         "the --suite)")
     _suite_option(g)
     g.add_argument("--eps", default="0.05,0.1,0.2", help="comma-separated budgets; fractions allowed (8/255)")

@@ -96,7 +96,7 @@ def audit(
         to models given as plain modules.
     data: "digits" (default), an .npz path, "module:function", (x, y) arrays, a Dataset or
         DataLoader. `n` keeps the first n samples.
-    attacks: names ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "square", "foolbox:<Name>") or
+    attacks: names ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "foolbox:<Name>") or
         configured `Attack` objects; eps is set by the audit. `steps`/`restarts`/`loss` override
         PGD's (steps also CW's).
     suite: the attack cascade run beside `attacks` (robustlab.attacks.cascade): "standard" (default:
@@ -293,7 +293,7 @@ def _wrap(value, name, options, device: torch.device | None) -> ModelUnderTest:
     return ModelUnderTest(value, name=name, device=device, **options)
 
 
-NORM_FOLLOWS_AUDIT = ("fgsm", "pgd", "apgd-ce", "apgd-t", "square", "cascade")  # CW is L2-minimal; foolbox native
+NORM_FOLLOWS_AUDIT = ("fgsm", "pgd", "apgd-ce", "apgd-t", "fab-t", "square", "cascade")  # CW is L2-minimal; foolbox native
 
 
 def _build_attack(spec: str | Attack, norm: str, *, steps, restarts, loss) -> Attack:

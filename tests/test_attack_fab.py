@@ -308,3 +308,15 @@ def test_float16_model_finds_the_float32_norms(digits_correct, check_outcome):
     assert float(ratio.max()) <= 1.03, sorted(ratio.tolist())[-5:]
     bounded = FABT(eps=0.1, steps=30, n_targets=3)(half, x.half(), y)
     check_outcome(half, x.half(), y, None, bounded, eps=0.1, norm="linf")
+
+
+def test_an_l2_audit_runs_fab_t_in_l2():
+    """The audit's norm reaches FAB-T (it did not: an L2 audit ran it in Linf and wrote L2 rows)."""
+    import robustlab
+    from support import digits_model, digits_test
+
+    result = robustlab.audit(digits_model(), digits_test(20), attacks=["fab-t"], norm="l2", eps=[0.5],
+                             suite="none", checks="none", progress=False)
+    rows = result.samples[(result.samples["attack"] == "fab-t") & result.samples["success"].astype(bool)]
+    assert len(rows) and (rows["norm"] == "l2").all()
+    assert float(rows["l2"].max()) <= 0.5 * (1 + 1e-6)

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_USAGE = 0, 1, 2
 
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what the model returns (default: detect; probabilities are refused unless 'probs')")
     _attack_options(audit)
     _requirement_options(audit)
+    _tracking_options(audit)
     _defense_options(audit, default=None)
 
     demo = sub.add_parser("demo", help="train a small CNN on digits and audit it",
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _suite_option(demo)
     _integrity_options(demo, explain_default="all")
     _requirement_options(demo)
+    _tracking_options(demo)
     _defense_options(demo, default=DEMO_DEFENSES)
 
     report = sub.add_parser("report", help="render the HTML report of a results directory",
@@ -120,6 +122,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEMO_DEFENSES = "pgd-at,distillation,ensemble"
+
+
+def _tracking_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experiment tracking")
+    g.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                   help="log the audit as one MLflow run (params, metrics, verdict tags, report and results as "
+                        "artifacts) to URI, or without URI to MLflow's configured tracking URI "
+                        "(MLFLOW_TRACKING_URI); needs pip install 'robustlab[mlflow]'")
+    g.add_argument("--mlflow-experiment", default="robustlab", metavar="NAME",
+                   help="MLflow experiment of the run (default: robustlab)")
+
+
+def _check_tracking(args: argparse.Namespace) -> None:
+    """Before any work: --mlflow needs mlflow importable."""
+    if getattr(args, "mlflow", None) is not None:
+        from robustlab.integrations.mlflow import require_mlflow
+
+        require_mlflow()
+
+
+def _track(args: argparse.Namespace, out: str) -> None:
+    if getattr(args, "mlflow", None) is None:
+        return
+    from robustlab.integrations.mlflow import log_result
+
+    run_id = log_result(out, tracking_uri=args.mlflow or None, experiment=args.mlflow_experiment)
+    print(f"mlflow: run {run_id} in experiment {args.mlflow_experiment!r}")
 
 
 def _requirement_options(p: argparse.ArgumentParser) -> None:
@@ -248,6 +277,7 @@ def _requirements(args: argparse.Namespace, eps: Sequence[float]) -> list:
 def _audit(args: argparse.Namespace) -> int:
     eps = parse_numbers(args.eps)
     requirements = _requirements(args, eps)
+    _check_tracking(args)
     bounds = parse_bounds(args.bounds)
     mean = parse_numbers(args.mean) if args.mean else None
     std = parse_numbers(args.std) if args.std else None
@@ -278,7 +308,8 @@ def _audit(args: argparse.Namespace) -> int:
         check_audit(model, data, **options)  # every audit option checked before hours of training
     models, defended = _with_defenses(model, defense_plan, args)
     result = audit(models, data, progress=not args.quiet, **options)
-    return _finish(result, args.out, requirements, defended=defended, base=model, base_spec=_spec(args))
+    return _finish(result, args.out, requirements, defended=defended, base=model, base_spec=_spec(args),
+                   track=lambda: _track(args, args.out))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -290,6 +321,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     eps = (0.05, 0.1, 0.2)
     requirements = _requirements(args, eps)
+    _check_tracking(args)
     check_output_dir(args.out)
     device = resolve_device(args.device)
     if args.n is not None and args.n < 1:
@@ -310,7 +342,7 @@ def _demo(args: argparse.Namespace) -> int:
                    n=args.n, device=device, progress=not args.quiet, checks=args.checks, explain=args.explain,
                    suite=args.suite)
     return _finish(result, args.out, requirements, defended=defended, base=model,
-                   base_spec="robustlab.zoo:digits_cnn")
+                   base_spec="robustlab.zoo:digits_cnn", track=lambda: _track(args, args.out))
 
 
 @dataclass(frozen=True)
@@ -368,7 +400,7 @@ def _spec(args: argparse.Namespace) -> str:
 
 
 def _finish(result, out: str, requirements: list, *, defended: dict | None = None, base=None,
-            base_spec: str | None = None) -> int:
+            base_spec: str | None = None, track: Callable[[], None] | None = None) -> int:
     from robustlab import gates, verdicts
     from robustlab.integrity import format_checks
 
@@ -389,6 +421,8 @@ def _finish(result, out: str, requirements: list, *, defended: dict | None = Non
     print("\n" + verdicts.format_verdicts(verdicts.records(result.metadata, result.summary), judged))
     for j in judged:
         print(_judgement_line(j))
+    if track is not None:
+        track()
     return EXIT_THRESHOLD if any(not j["passed"] for j in judged) else EXIT_OK
 
 

@@ -104,3 +104,34 @@ def test_without_mlflow_the_error_says_how_to_install_it(audited, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(robustlab.InputError, match=r"pip install 'robustlab\[mlflow\]'"):
         log_result(audited)
+
+
+def test_the_cli_logs_an_audit_with_mlflow(tmp_path, monkeypatch):
+    """`robustlab audit ... --mlflow URI`: the run holds the saved audit's figures and files."""
+    from robustlab.cli import main
+    from support import digits_model
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    weights = tmp_path / "cnn.safetensors"
+    save_file({k: v.contiguous() for k, v in digits_model().state_dict().items()}, str(weights))
+    uri = (tmp_path / "mlruns").as_uri()
+    code = main(["audit", "--model", "robustlab.zoo:digits_cnn", "--weights", str(weights), "--n", "20",
+                 "--eps", "0.1", "--attack", "fgsm", "--suite", "none", "--checks", "none", "--quiet",
+                 "--out", str(tmp_path / "audit"), "--mlflow", uri, "--mlflow-experiment", "cli"])
+    assert code == 0
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
+    assert any(k.startswith("robust_accuracy/") and k.endswith("/fgsm/linf/eps_0.1/none") for k in run.data.metrics)
+    assert "robustlab/report.html" in [a.path for a in client.list_artifacts(run.info.run_id, "robustlab")]
+
+
+def test_the_cli_refuses_mlflow_before_work_when_it_is_missing(tmp_path, monkeypatch, capsys):
+    from robustlab.cli import main
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    code = main(["audit", "--model", "robustlab.zoo:digits_cnn", "--weights", str(tmp_path / "missing.safetensors"),
+                 "--n", "5", "--eps", "0.1", "--out", str(tmp_path / "audit"), "--mlflow"])
+    assert code == 2
+    assert "pip install 'robustlab[mlflow]'" in capsys.readouterr().err
+    assert not (tmp_path / "audit").exists()

@@ -124,6 +124,11 @@ def _render(directory: Path) -> None:
     write_summary(directory)
 
 
+def require_mlflow() -> None:
+    """Raise InputError (how to install it) unless mlflow imports: call before work starts."""
+    _mlflow()
+
+
 def _mlflow() -> Any:
     try:
         import mlflow

@@ -114,6 +114,13 @@ class ModelUnderTest:
     ) -> None:
         if isinstance(module, ModelUnderTest):
             raise InputError("module", "is already a ModelUnderTest; pass it directly instead of wrapping it again")
+        if _is_exported_program(module):
+            from robustlab.layers import remember_program
+
+            program: Any = module
+            exported: nn.Module = program.module()
+            remember_program(exported, program)
+            module = exported
         if not callable(module):
             raise InputError("model", f"expected a torch.nn.Module or callable, got {type(module).__name__}")
         if output not in OUTPUT_KINDS:
@@ -146,6 +153,21 @@ class ModelUnderTest:
         self.inspection: ModelInspection | None = None
         self._output_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._stats_cache: dict = {}
+        self.load_notes: list[str] = []  # how the model was loaded, shown with the inspection's notes
+
+    def with_module(self, module: nn.Module, *, name: str | None = None,
+                    keep_inspection: bool = True) -> "ModelUnderTest":
+        """The same wrapper (bounds, normalisation, classes, output kind, device, dtype and, unless
+        keep_inspection=False, the inspection) around another module computing the same function:
+        a twin whose layers accept hooks (robustlab.layers.hookable), say."""
+        other = ModelUnderTest(module, bounds=self.bounds, mean=self.mean, std=self.std, name=name or self.name,
+                               classes=self.classes, output=self.output, device=self.device, sha256=self._sha256,
+                               source=self.source, amp=self.amp)
+        other.dtype = self.dtype
+        if keep_inspection:
+            other.inspection = self.inspection
+            other._output_transform = self._output_transform
+        return other
 
     # ------------------------------------------------------------------ basics
     @property
@@ -190,8 +212,15 @@ class ModelUnderTest:
             x = x / std
         return x
 
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs in the user's space -> what the module receives (mean/std applied)."""
+        return self._normalise(x)
+
     def raw(self, x: torch.Tensor) -> torch.Tensor:
-        """The module's own output on inputs in the user's space (normalisation applied)."""
+        """The module's own output on inputs in the user's space (normalisation applied).
+
+        A module that squeezes its output (`.squeeze()`) returns shape (classes,) for a batch of
+        one input; the batch dimension is put back, so a last batch of one is never misread."""
         if self.amp:
             with torch.autocast(device_type="cuda", dtype=torch.float16):
                 out = self.module(self._normalise(x))
@@ -206,6 +235,8 @@ class ModelUnderTest:
                     break
         if not isinstance(out, torch.Tensor):
             raise InputError("model", f"forward must return a tensor of logits, got {type(out).__name__}")
+        if out.dim() == 1 and x.dim() >= 1 and x.shape[0] == 1 and out.shape[0] != 1:
+            out = out.unsqueeze(0)  # (classes,) from a batch of one: a squeezed batch dimension
         return out.float() if self.amp else out
 
     def move_to(self, device: torch.device) -> None:
@@ -323,7 +354,7 @@ class ModelUnderTest:
             diff = float((first - second).abs().max())
             deterministic = diff <= 1e-5 * scale
         chosen = self.output if self.output != "auto" else detected
-        notes: list[str] = []
+        notes: list[str] = list(self.load_notes)
         if self.output == "auto" and detected in ("probs", "binary_prob"):
             raise InputError(
                 "model",
@@ -374,8 +405,9 @@ class ModelUnderTest:
             return self.raw(_fast_layout(x))
         except InputError:
             raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+            # AssertionError: torch.export's input guards ("Guard failed: x.size()[2] == 8")
+            message = _error_line(error)
             if what is not None:
                 raise InputError("model", f"fails on {what}: {message}") from None
             raise InputError("x", f"the model cannot process inputs of shape {tuple(x.shape[1:])} "
@@ -633,6 +665,17 @@ def _declared_output_problem(declared: str, out: torch.Tensor, detected: str, ro
 
 
 # ---------------------------------------------------------------------- helpers
+def _error_line(error: BaseException) -> str:
+    """The informative line of a model's error: the first, except for TorchScript's interpreter
+    errors, whose first line is a generic header and whose last names the failing operation."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("The following operation failed in the TorchScript interpreter"):
+        return lines[-1][:300]
+    return lines[0][:300]
+
+
 def _probs_to_logits(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
 
@@ -693,7 +736,12 @@ def _module_dtype(module: object) -> torch.dtype:
 
 def is_exported(module: nn.Module) -> bool:
     """Modules from torch.export: their train/eval mode is fixed at export time (eval() raises)."""
-    return any(cls.__name__ == "_StatefulGraphModule" for cls in type(module).__mro__)
+    return bool(getattr(type(module), "robustlab_exported", False)) or any(
+        cls.__name__ == "_StatefulGraphModule" for cls in type(module).__mro__)
+
+
+def _is_exported_program(value: object) -> bool:
+    return type(value).__name__ == "ExportedProgram" and callable(getattr(value, "module", None))
 
 
 def _default_name(module: object) -> str:

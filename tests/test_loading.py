@@ -54,7 +54,7 @@ def test_factory_from_a_python_file(tmp_path):
         def build():
             return DigitsCNN().train()   # robustlab puts a model it builds into eval mode itself
     """))
-    mut = load_model(f"{tmp_path / 'net.py'}:build")
+    mut = load_model(f"{tmp_path / 'net.py'}:build", random_init=True)  # DigitsCNN() is untrained
     assert not mut.module.training
 
 

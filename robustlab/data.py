@@ -46,7 +46,8 @@ class Dataset:
             return self
         if n < 1:
             raise InputError("n", f"must be a positive number of samples, got {n}")
-        return Dataset(self.x[:n], self.y[:n], self.source, self.classes, self.indices[:n])
+        indices = self.indices if self.indices is not None else torch.arange(len(self.x))
+        return Dataset(self.x[:n], self.y[:n], self.source, self.classes, indices[:n])
 
     def fingerprint(self) -> str:
         """sha256 of the float32 inputs and int64 labels, in order."""
@@ -63,8 +64,8 @@ class Dataset:
 
 def digits_split(split: str = "test") -> Dataset:
     """scikit-learn's digits as 1x8x8 images in [0, 1]; a fixed stratified split (75/25)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+    from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
 
     bunch = load_digits()
     x = np.ascontiguousarray((bunch.images / 16.0).astype(np.float32)[:, None])  # standard layout, like iterates
@@ -136,8 +137,8 @@ def from_object(obj: Any, *, source: str) -> Dataset:
         xs, ys = [], []
         for batch in obj:
             bx, by = _pair(batch, source)
-            xs.append(torch.as_tensor(bx))
-            ys.append(torch.as_tensor(by).reshape(-1))
+            xs.append(_tensor(bx, "x"))
+            ys.append(_tensor(by, "y").reshape(-1))
         if not xs:
             raise InputError("data", f"{source}: the DataLoader yielded no batches")
         return _checked(torch.cat(xs), torch.cat(ys), source)
@@ -149,8 +150,11 @@ def from_object(obj: Any, *, source: str) -> Dataset:
         if length == 0:
             raise InputError("data", f"{source}: the Dataset is empty")
         items = [_pair(obj[i], source) for i in range(length)]
-        x = torch.stack([torch.as_tensor(a) for a, _ in items])
-        y = torch.as_tensor([int(torch.as_tensor(b)) for _, b in items])
+        try:
+            x = torch.stack([_tensor(a, "x") for a, _ in items])
+        except RuntimeError as error:
+            raise InputError("x", f"{source}: the Dataset's inputs differ in shape ({_first_line(error)})") from None
+        y = _tensor([_scalar(b) for _, b in items], "y")
         return _checked(x, y, source)
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         return _checked(_tensor(obj[0], "x"), _tensor(obj[1], "y"), source)
@@ -168,16 +172,57 @@ def _pair(item: Any, source: str) -> tuple[Any, Any]:
     raise InputError("data", f"{source}: each item must be an (input, label) pair, got {type(item).__name__}")
 
 
+def _scalar(label: Any) -> Any:
+    """One sample's label as a Python value (a one-element tensor or array -> its item)."""
+    if isinstance(label, torch.Tensor) and label.numel() == 1:
+        return label.item()
+    if isinstance(label, np.ndarray) and label.size == 1:
+        return label.item()
+    return label
+
+
 def _tensor(value: Any, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     try:
         array = np.asarray(value)
     except Exception as error:  # noqa: BLE001
-        raise InputError(name, f"cannot be read as an array: {error}") from None
+        raise InputError(name, f"cannot be read as an array: {_first_line(error)}") from None
+    what = "labels" if name == "y" else "inputs"
+    if array.dtype.kind in "USa":
+        first = array.reshape(-1)[0] if array.size else ""
+        hint = ("; map the names to class indices 0..K-1 and pass the names as classes=[...] (CLI: --classes)"
+                if name == "y" else "")
+        raise InputError(name, f"the {what} are strings (e.g. {str(first)[:40]!r}); expected "
+                               f"{'integer class indices' if name == 'y' else 'numbers'}{hint}")
     if array.dtype == object:
-        raise InputError(name, "is an object array (ragged or mixed types); expected numbers")
+        raise InputError(name, f"the {what} are an object array (ragged or mixed types); expected numbers")
+    if array.dtype.kind not in "biufc":
+        raise InputError(name, f"the {what} have dtype {array.dtype}; expected numbers")
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _labels(y: torch.Tensor, source: str) -> torch.Tensor:
+    """Integer class indices as int64: integral floats and booleans are converted, anything else refused."""
+    if y.is_complex():
+        raise InputError("y", f"{source}: labels are complex numbers; expected integer class indices")
+    if y.dtype == torch.bool:
+        return y.to(torch.int64)
+    if y.is_floating_point():
+        y64 = y.double()
+        bad = ~torch.isfinite(y64) | (y64 != y64.round())
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise InputError("y", f"{source}: labels must be integer class indices; {int(bad.sum())} of {len(y)} are "
+                                  f"not whole numbers (e.g. {float(y64[i]):g} at sample {i}). Probabilities or "
+                                  "one-hot rows? pass their argmax")
+        return y64.to(torch.int64)
+    return y.to(torch.int64)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
 
 
 def _checked(x: torch.Tensor, y: torch.Tensor, source: str) -> Dataset:
@@ -192,6 +237,7 @@ def _checked(x: torch.Tensor, y: torch.Tensor, source: str) -> Dataset:
         raise InputError("data", f"{source}: {len(x)} inputs but {len(y)} labels")
     if len(x) == 0:
         raise InputError("data", f"{source}: no samples")
+    y = _labels(y, source)
     if x.dtype in (torch.float64, torch.float16, torch.bfloat16):
         x = x.to(torch.float32)
     return Dataset(x.cpu(), y.cpu(), source)

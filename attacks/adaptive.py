@@ -7,7 +7,9 @@ that of the identity (or of a given differentiable approximation g), in the stra
 
     out = g(x) + (f(x) - g(x)).detach()        value f(x) (up to float rounding), gradient of g
 
-installed by a forward hook on a deep copy of the user's module; the user's module is never touched.
+installed by a forward hook on a twin of the user's module (`robustlab.layers.hookable`: a deep copy
+of a Python module; for TorchScript and torch.export models, a Python module with the same layers,
+since those formats refuse hooks); the user's module is never touched.
 Attack the BPDA model, then judge the adversarial inputs on the ORIGINAL model with
 `robustlab.attacks.transfer(outcome, original, x, y)`: success is never taken from the surrogate.
 
@@ -17,7 +19,6 @@ needs it.
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from robustlab import seeding
 from robustlab.errors import InputError
+from robustlab.layers import Twin, hookable
 from robustlab.model import ModelUnderTest
 
 from .base import validate_batch
@@ -45,8 +47,23 @@ def _first_float(args: tuple) -> int | None:
     return None
 
 
+def _twin(model: ModelUnderTest, probe: torch.Tensor | None, *, copy_python: bool) -> Twin:
+    """The model's module as one whose layers accept hooks, checked on (a few of) `probe`."""
+    sample = None if probe is None else model.normalise(model.to_device(probe[:PROBE_SAMPLES]))
+    return hookable(model.module, probe=sample, copy_python=copy_python)
+
+
+def layer_names(model: ModelUnderTest) -> list[str]:
+    """The layer names `bpda` and `find_gradient_blockers` use: those of `model.module` for a Python
+    module; for TorchScript and torch.export models, those of its hookable twin (the same paths,
+    as far as the format lets robustlab see into it)."""
+    if not isinstance(model, ModelUnderTest) or not isinstance(model.module, nn.Module):
+        raise InputError("model", "expected a robustlab ModelUnderTest around an nn.Module")
+    return [name for name, _ in _twin(model, None, copy_python=False).module.named_modules() if name]
+
+
 def find_gradient_blockers(model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor) -> list[str]:
-    """Names (from model.module.named_modules()) of leaf modules whose backward returns zero, NaN or
+    """Names (see `layer_names`) of leaf modules whose backward returns zero, NaN or
     inf input gradients although their output gradient is non-zero (quantisation, rounding, a
     gradient-killing autograd.Function, argmax, detach...).
 
@@ -57,12 +74,22 @@ def find_gradient_blockers(model: ModelUnderTest, x: torch.Tensor, y: torch.Tens
     Only module-level blockers are found: an op written inline in a parent's forward is not a leaf.
     A ReLU whose inputs are all negative on this batch would also be reported (its gradient is
     truly zero there); use a representative batch. `y` is validated only (the test is label-free).
+    TorchScript and torch.export models are searched on their hookable twin; see `locate_gradient_blockers`
+    for what the twin could not show.
     """
+    return locate_gradient_blockers(model, x, y)[0]
+
+
+def locate_gradient_blockers(model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor) -> tuple[list[str], str | None]:
+    """`find_gradient_blockers`, and a note on the layers that could not be searched (layers hidden
+    inside a TorchScript module that does more than call its children, say), or None."""
     if not isinstance(model, ModelUnderTest) or not isinstance(model.module, nn.Module):
         raise InputError("model", "expected a robustlab ModelUnderTest around an nn.Module")
     x, y, _, _ = validate_batch(model, x, y, None, None)
     x = model.to_device(x)
-    leaves = _leaves(model.module)
+    twin = _twin(model, x, copy_python=False)
+    view = model if twin.module is model.module else model.with_module(twin.module)
+    leaves = _leaves(twin.module)
     calls: dict[str, list[tuple[torch.Tensor, object]]] = {}
 
     def pre_hook(name: str):
@@ -87,15 +114,15 @@ def find_gradient_blockers(model: ModelUnderTest, x: torch.Tensor, y: torch.Tens
         for name, leaf in leaves.items():
             handles.append(leaf.register_forward_pre_hook(pre_hook(name)))
             handles.append(leaf.register_forward_hook(post_hook(name)))
-        with model.evaluating(), torch.enable_grad():
-            model(x)
+        with view.evaluating(), torch.enable_grad():
+            view(x)
             generator = torch.Generator().manual_seed(0)
             blockers = [name for name in leaves if name in calls
                         and any(_blocks(cut, out, generator) for cut, out in calls[name])]
     finally:
         for h in handles:
             h.remove()
-    return blockers
+    return blockers, twin.note
 
 
 def _blocks(cut: torch.Tensor, out: object, generator: torch.Generator) -> bool:
@@ -112,6 +139,8 @@ def _blocks(cut: torch.Tensor, out: object, generator: torch.Generator) -> bool:
 
 def _probe_inputs(model: ModelUnderTest) -> torch.Tensor:
     """Uniform random inputs in the model's box (fixed seed), for layers=None without a probe."""
+    if model.inspection is None:
+        raise InputError("probe", "random probe inputs need the input shape: pass probe=x or inspect the model first")
     shape = model.inspection.input_shape
     u = seeding.uniform(0, PROBE_STREAM, torch.arange(PROBE_SAMPLES), shape, dtype=torch.float64)
     low = torch.as_tensor(model.bounds.low, dtype=torch.float64)
@@ -125,8 +154,9 @@ def bpda(model: ModelUnderTest, layers: Sequence[str] | Mapping[str, Approximati
     named layers by the identity (or by the given differentiable approximation g: forward value
     f(x), gradient of g). layers=None: the layers `find_gradient_blockers` reports on `probe` (or,
     without a probe, on random inputs in the bounds; the model must then have been inspected, e.g.
-    by an earlier attack, so the input shape is known). Never modifies the user's module (a deep
-    copy carries the hooks). Same bounds/mean/std/classes/output kind/device.
+    by an earlier attack, so the input shape is known). Never modifies the user's module (a twin
+    carries the hooks: a deep copy, or for TorchScript / torch.export a Python module with the same
+    layers, see `layer_names`). Same bounds/mean/std/classes/output kind/device.
 
     Identity needs equal input and output shapes; a shape-changing layer needs an approximation,
     else InputError naming the layer (raised here when the input shape is known, else at the first
@@ -148,7 +178,8 @@ def bpda(model: ModelUnderTest, layers: Sequence[str] | Mapping[str, Approximati
     if isinstance(layers, str):
         raise InputError("layers", f"expected a list of layer names or a mapping, got the string {layers!r}")
     plan: dict[str, Approximation | None] = dict(layers) if isinstance(layers, Mapping) else {n: None for n in layers}
-    names = dict(model.module.named_modules())
+    clone = _twin(model, probe, copy_python=True).module
+    names = dict(clone.named_modules())
     for name, approx in plan.items():
         if not isinstance(name, str) or not name or name not in names:
             known = ", ".join(n for n in names if n)[:300]
@@ -156,13 +187,9 @@ def bpda(model: ModelUnderTest, layers: Sequence[str] | Mapping[str, Approximati
         if approx is not None and not callable(approx):
             raise InputError("layers", f"approximation for {name!r} must be callable or None, got {type(approx).__name__}")
 
-    clone = copy.deepcopy(model.module)
-    clone_modules = dict(clone.named_modules())
     for name, approx in plan.items():
-        clone_modules[name].register_forward_hook(_straight_through(name, approx))
-    wrapped = ModelUnderTest(clone, bounds=model.bounds, mean=model.mean, std=model.std,
-                             name=f"{model.name} (BPDA)", classes=model.classes, output=model.output,
-                             amp=model.amp)
+        names[name].register_forward_hook(_straight_through(name, approx))
+    wrapped = model.with_module(clone, name=f"{model.name} (BPDA)", keep_inspection=False)
     if model.inspection is not None:
         sample = probe if probe is not None else _probe_inputs(model)
         wrapped.inspect(sample)  # also checks the shapes now, before any attack runs

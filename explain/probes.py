@@ -2,6 +2,9 @@
 
 `capture` records every leaf layer's output (or the named layers') with forward hooks, pooled and
 flattened to (N, d) float32; hooks are removed in `finally`, also when the forward raises.
+TorchScript and torch.export models refuse hooks (or have no layers to hook), so their layers are
+hooked on a twin (`robustlab.layers.hookable`: the same function, the same layer names as far as
+the format shows them); `ProbeReport.note` says what the twin could not show.
 
 `probe_report` fits, per layer, on a seeded (stratified when possible) train split of the samples:
 - a label probe: standardise -> PCA (<= `pca_dim` components) -> logistic regression (lbfgs);
@@ -28,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -37,6 +40,7 @@ from torch import nn
 
 from robustlab.batching import BatchRunner
 from robustlab.errors import InputError
+from robustlab.layers import BatchSizeAdapter, Twin, hookable
 from robustlab.model import ModelUnderTest
 
 DEFAULT_MAX_DIM = 1024  # activation features kept per layer before PCA (spatial average pooling)
@@ -54,8 +58,10 @@ def _pool(output: torch.Tensor, max_dim: int) -> torch.Tensor:
     cells = max(1, max_dim // channels)
     per_dim = max(1, int(math.floor(cells ** (1.0 / len(spatial)))))
     size = tuple(min(s, per_dim) for s in spatial)
-    pool = {1: nn.functional.adaptive_avg_pool1d, 2: nn.functional.adaptive_avg_pool2d,
-            3: nn.functional.adaptive_avg_pool3d}.get(len(spatial))
+    pools: dict[int, Callable[..., torch.Tensor]] = {1: nn.functional.adaptive_avg_pool1d,
+                                                     2: nn.functional.adaptive_avg_pool2d,
+                                                     3: nn.functional.adaptive_avg_pool3d}
+    pool = pools.get(len(spatial))
     if pool is None:
         return output.reshape(b, channels, -1).mean(2)
     return pool(output, size).reshape(b, -1)
@@ -69,24 +75,48 @@ def _first_tensor(output: object) -> torch.Tensor | None:
     return None
 
 
+def _view(model: ModelUnderTest, x: torch.Tensor | None = None) -> tuple[ModelUnderTest, Twin]:
+    """The model around a module whose layers accept hooks (the model itself for a Python module)."""
+    if not isinstance(model, ModelUnderTest) or not isinstance(model.module, nn.Module):
+        raise InputError("model", "expected a ModelUnderTest around an nn.Module (probes need its layers)")
+    probe = None if x is None else model.normalise(model.to_device(x[:16]))
+    twin = hookable(model.module, probe=probe, copy_python=False)
+    return (model if twin.module is model.module else model.with_module(twin.module)), twin
+
+
+def _leaf_names(module: object) -> list[str]:
+    if not isinstance(module, nn.Module):
+        return []
+    return [name for name, m in module.named_modules() if name and not list(m.children())]
+
+
 def layer_names(model: ModelUnderTest) -> list[str]:
-    """Names (from named_modules) of the leaf layers `capture` hooks by default."""
-    return [name for name, m in model.module.named_modules() if name and not list(m.children())]
+    """Names (from named_modules; for TorchScript and torch.export models, of their hookable twin)
+    of the leaf layers `capture` hooks by default."""
+    return _leaf_names(_view(model)[0].module)
 
 
 def capture(model: ModelUnderTest, x: torch.Tensor, *, layers: Sequence[str] | None = None,
             batch_size: int | None = None, max_dim: int = DEFAULT_MAX_DIM) -> dict[str, torch.Tensor]:
     """Activations of every leaf layer (or of `layers`), (N, d) float32 on the CPU, in the order
-    the forward pass reaches them. A module called twice per forward gives `name` and `name#2`."""
-    if not isinstance(model, ModelUnderTest) or not isinstance(model.module, nn.Module):
-        raise InputError("model", "expected a ModelUnderTest around an nn.Module (probes need its layers)")
+    the forward pass reaches them. A module called twice per forward gives `name` and `name#2`.
+    A model without visible layers (an opaque TorchScript module) gives its output only, as ""."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(x) == 0 or not x.is_floating_point():
+        raise InputError("x", f"expected a non-empty float tensor of shape (N, ...), got {type(x).__name__}")
+    return _capture(_view(model, x)[0], x, layers=layers, batch_size=batch_size, max_dim=max_dim)
+
+
+def _capture(model: ModelUnderTest, x: torch.Tensor, *, layers: Sequence[str] | None,
+             batch_size: int | None, max_dim: int) -> dict[str, torch.Tensor]:
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(x) == 0 or not x.is_floating_point():
         raise InputError("x", f"expected a non-empty float tensor of shape (N, ...), got {type(x).__name__}")
     if isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 1:
         raise InputError("max_dim", f"must be a positive integer, got {max_dim!r}")
+    if not isinstance(model.module, nn.Module):
+        raise InputError("model", "expected a ModelUnderTest around an nn.Module (probes need its layers)")
     modules = dict(model.module.named_modules())
     if layers is None:
-        names = layer_names(model) or [""]
+        names = _leaf_names(model.module) or [""]
     else:
         if isinstance(layers, str) or not len(layers):
             raise InputError("layers", f"expected a non-empty list of layer names, got {layers!r}")
@@ -98,6 +128,7 @@ def capture(model: ModelUnderTest, x: torch.Tensor, *, layers: Sequence[str] | N
         names = list(dict.fromkeys(layers))
     store: dict[str, list[torch.Tensor]] = {}
     calls: dict[str, int] = {}
+    batch: dict[str, list[torch.Tensor]] = {}  # this forward pass's outputs per key
 
     def hook(name: str):
         def record(_module: nn.Module, _inputs: object, output: object) -> None:
@@ -106,7 +137,7 @@ def capture(model: ModelUnderTest, x: torch.Tensor, *, layers: Sequence[str] | N
                 return
             calls[name] = calls.get(name, 0) + 1
             key = name if calls[name] == 1 else f"{name}#{calls[name]}"
-            store.setdefault(key, []).append(_pool(tensor.detach().float(), max_dim).cpu())
+            batch.setdefault(key, []).append(_pool(tensor.detach().float(), max_dim).cpu())
         return record
 
     handles = []
@@ -114,10 +145,17 @@ def capture(model: ModelUnderTest, x: torch.Tensor, *, layers: Sequence[str] | N
     try:
         for name in names:
             handles.append(modules[name].register_forward_hook(hook(name)))
+        if isinstance(model.module, BatchSizeAdapter):  # one call of the program per chunk: count calls per chunk
+            handles.append(model.module.program.register_forward_pre_hook(lambda _m, _a: calls.clear()))
 
         def run(a: int, b: int) -> None:
             calls.clear()
+            batch.clear()
             model(model.to_device(x[a:b]))
+            for key, parts in batch.items():
+                # a model called in chunks (a fixed batch size, robustlab.layers.BatchSizeAdapter) runs
+                # its layers on padded chunks: the first b - a rows are this batch's samples
+                store.setdefault(key, []).append(torch.cat(parts)[: b - a])
 
         with torch.no_grad(), model.evaluating():
             runner.run(len(x), run)
@@ -137,6 +175,7 @@ class ProbeReport:
     crossing: pd.DataFrame  # key, n_success, layer_not_true, layer_adversarial
     split: dict[str, np.ndarray] = field(default_factory=dict)  # train / test sample positions
     control_labels: np.ndarray | None = None
+    note: str | None = None  # what the model's format hides from the probes (robustlab.layers.Twin.note)
 
 
 def _split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -280,8 +319,9 @@ def probe_report(
     train, test = _split(labels, test_fraction, seed)
     clusters = control_clusters or max(2 * len(np.unique(labels)), n // 5)
     control = control_labels(x_clean, labels, clusters, seed)
-    clean = capture(model, x_clean, layers=layers, batch_size=batch_size, max_dim=max_dim)
-    adv = {key: capture(model, pair[0], layers=layers, batch_size=batch_size, max_dim=max_dim)
+    view, twin = _view(model, x_clean)
+    clean = _capture(view, x_clean, layers=layers, batch_size=batch_size, max_dim=max_dim)
+    adv = {key: _capture(view, pair[0], layers=layers, batch_size=batch_size, max_dim=max_dim)
            for key, pair in adversarial.items()}
 
     rows, adv_rows = [], []
@@ -329,7 +369,7 @@ def probe_report(
                        adversarial=adversarial_frame,
                        crossing=pd.DataFrame(crossing, columns=["key", "n_success", "layer_not_true",
                                                                 "layer_adversarial"]),
-                       split={"train": train, "test": test}, control_labels=control)
+                       split={"train": train, "test": test}, control_labels=control, note=twin.note)
 
 
 __all__ = ["capture", "layer_names", "probe_report", "ProbeReport", "control_labels"]

@@ -129,6 +129,8 @@ def explain_model(mut: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, ids: to
             _put(out, "explain_probe_adversarial", report.adversarial)
             _put(out, "explain_probe_crossing", report.crossing)
             out.info["samples"]["probes"] = int(m)
+            if report.note:  # layers the model's format hides (an opaque TorchScript module, say)
+                out.info.setdefault("notes", {})["probes"] = report.note
         seconds = time.perf_counter() - started
         out.info["seconds"][stage] = round(seconds, 3)
         say(f"{mut.name}: {stage} explanations done in {seconds:.1f}s")

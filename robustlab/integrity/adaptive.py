@@ -75,10 +75,11 @@ def plan(ctx: ModelContext, results: list[CheckResult]) -> tuple[list[Extra], li
                                                    "restart, on every sample"))
     if names & {"unbounded", "iterative-vs-single-step", "eps-monotonic"} and not names & {"gradients", "determinism"}:
         square_eps.update(ctx.eps)
-    merged = {}
+    merged: dict[str, Extra] = {}
     for e in extras:  # one row set per label: merge the eps lists of the same attack
-        if e.label in merged and merged[e.label].eps is not None and e.eps is not None:
-            merged[e.label].eps = sorted(set(merged[e.label].eps) | set(e.eps))
+        kept = merged.get(e.label)
+        if kept is not None and kept.eps is not None and e.eps is not None:
+            kept.eps = sorted(set(kept.eps) | set(e.eps))
         else:
             merged.setdefault(e.label, e)
     extras = list(merged.values())
@@ -99,18 +100,40 @@ def _at_and_above(ctx: ModelContext, eps: float | None) -> list[float]:
 
 
 def _bpda(ctx: ModelContext, steps: int) -> Extra | str:
-    from robustlab.attacks.adaptive import bpda, find_gradient_blockers
+    """BPDA through the blocking layers, or why it cannot run (then Square runs instead).
+
+    The layers are searched on the model's hookable twin (robustlab.layers), so TorchScript and
+    torch.export models get BPDA too; whatever stops it here (no layer found, a layer BPDA cannot
+    replace) is returned as the reason, never raised: this runs after the attacks."""
+    from robustlab.attacks.adaptive import bpda, locate_gradient_blockers
+    from robustlab.model import NonFiniteOutputError
 
     if not isinstance(ctx.mut.module, torch.nn.Module):
-        return "the model is not an nn.Module: no layer to replace"
+        return "the model is not an nn.Module: no layer to replace; Square used instead"
     idx = torch.nonzero(ctx.clean_correct).reshape(-1)[:BLOCKER_SAMPLES]
     if len(idx) == 0:
         return "no correctly classified sample to locate blocking layers on"
-    layers = find_gradient_blockers(ctx.mut, ctx.x[idx], ctx.y[idx])
+    try:
+        layers, note = locate_gradient_blockers(ctx.mut, ctx.x[idx], ctx.y[idx])
+    except NonFiniteOutputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - after the attacks: record, never crash
+        return f"the blocking layers could not be searched ({_why(error)}); Square used instead"
     if not layers:
-        return "gradients are blocked but no single layer blocks them (an op inside a forward?); Square used instead"
-    surrogate = bpda(ctx.mut, layers, probe=ctx.x[idx[:16]])
+        where = f" ({note})" if note else " (an op inside a forward?)"
+        return f"gradients are blocked but no single layer blocks them{where}; Square used instead"
+    try:
+        surrogate = bpda(ctx.mut, layers, probe=ctx.x[idx[:16]])
+    except NonFiniteOutputError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        return f"BPDA could not replace {', '.join(layers)} ({_why(error)}); Square used instead"
     attack = PGD(norm=ctx.norm, steps=steps, loss="margin")
     return Extra(label="pgd-bpda", attack=attack, check="gradients", source=surrogate, transfer=True,
                  reason=f"gradients blocked by {', '.join(layers)}: BPDA (identity backward through them), adversarial "
                         "inputs judged on the original model")
+
+
+def _why(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__

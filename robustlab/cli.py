@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--weights", metavar="FILE", help="weights for a module:factory model")
     audit.add_argument("--trust-pickle", action="store_true",
                        help="allow files that need arbitrary unpickling (only for files you trust)")
+    audit.add_argument("--random-init", action="store_true",
+                       help="allow a module:factory without --weights whose parameters are a random initialisation "
+                            "(audits an untrained model on purpose)")
     audit.add_argument("--data", default="digits", metavar="SPEC", help="evaluation data (default: digits)")
     audit.add_argument("--out", required=True, metavar="DIR", help="results directory")
     audit.add_argument("--name", help="model name in results (default: the file's stem)")
@@ -295,8 +298,8 @@ def _audit(args: argparse.Namespace) -> int:
     check_output_dir(args.out)
     device = resolve_device(args.device)
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=device,
-                       bounds=bounds, mean=mean, std=std, name=args.name, classes=classes, output=args.output,
-                       amp=args.amp)
+                       random_init=args.random_init, bounds=bounds, mean=mean, std=std, name=args.name,
+                       classes=classes, output=args.output, amp=args.amp)
     from robustlab.data import load_data
 
     data = load_data(args.data, trust_pickle=args.trust_pickle)

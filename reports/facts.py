@@ -60,8 +60,10 @@ class ThreatModel:
 
     @property
     def headline(self) -> float | None:
-        """The eps the card leads with: the first requirement's, else the largest audited."""
-        for r in self.requirements:
+        """The eps the card leads with: that of the first requirement with the card's outcome (so the
+        badge and the headline agree), else the largest audited."""
+        ranked = sorted(self.requirements, key=lambda r: r.get("outcome") != self.outcome)  # stable
+        for r in ranked:
             if r.get("metric") == "robust_accuracy" and is_num(r.get("eps")):
                 found = [e for e in self.evaluations if V.same_eps(e, r["eps"])]
                 if found:

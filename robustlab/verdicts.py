@@ -287,8 +287,7 @@ def noise_note(metric: str, required: float, low_high: Sequence[float] | None) -
     """A note when the requirement lies strictly inside the figure's interval: the outcome is within noise."""
     if metric != "robust_accuracy" or not low_high or not low_high[0] < required < low_high[1]:
         return ""
-    return (f"the requirement lies inside the {CONFIDENCE:.0%} interval [{low_high[0]:.3f}, {low_high[1]:.3f}]: "
-            "the outcome is within sampling noise")
+    return f"the requirement lies inside the figure's {CONFIDENCE:.0%} interval: the outcome is within sampling noise"
 
 
 def judge_requirements(summary: pd.DataFrame, evaluations: Sequence[Mapping],

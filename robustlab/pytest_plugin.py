@@ -368,7 +368,8 @@ def robustlab(request: pytest.FixtureRequest) -> "Gate":
     if marker is not None and _marker_problem(marker):
         pytest.fail(f"@pytest.mark.{MARKER} on {request.node.nodeid}: {_marker_problem(marker)}", pytrace=False)
     _skip_unavailable_device(state.settings.device)
-    gate = Gate(request.node.nodeid, state, dict(marker.kwargs) if marker is not None else {})
+    gate = Gate(request.node.nodeid, state, dict(marker.kwargs) if marker is not None else {},
+                properties=request.node.user_properties)
     request.node.stash[_GATE] = gate
     return gate
 
@@ -389,8 +390,10 @@ def _skip_unavailable_device(device: str) -> None:
 class Gate:
     """The `robustlab` fixture."""
 
-    def __init__(self, nodeid: str, state: _Session, marker: dict) -> None:
+    def __init__(self, nodeid: str, state: _Session, marker: dict,
+                 properties: list[tuple[str, object]] | None = None) -> None:
         self.nodeid = nodeid
+        self._properties = [] if properties is None else properties  # the item's user_properties (JUnit XML)
         self._state = state
         self.marker = marker
         self.settings = state.settings
@@ -591,10 +594,32 @@ class Gate:
         before = {} if entry is None else {_key(r): r.get("robust_accuracy") for r in entry.get("summary", [])}
         self._state.gates.extend(_gate_records(self.nodeid, checks, gated, where, found, len(self._state.gates),
                                                before))
+        self._properties.extend(junit_properties(checks, start=sum(1 for name, _ in self._properties
+                                                                     if name.endswith(".metric"))))
         context = f"{self.nodeid}" + ("; --robustlab-quick" if self.settings.quick else "")
         if where and (Path(where) / "report.html").exists():
             where = f"{where} (report: {Path(where) / 'report.html'})"
         gates.raise_if_failed(checks, result=result, results_dir=where, title=title, context=context)
+
+
+def junit_properties(checks: list, start: int = 0) -> list[tuple[str, object]]:
+    """Each gate check as test properties, so `pytest --junitxml` carries the figures CI systems show:
+    robustlab.gate.N.{metric, threat_model, measured, interval, required, evaluation, outcome}."""
+    out: list[tuple[str, object]] = []
+    for number, check in enumerate(checks, start):
+        j = check.judgement() if check.kind != "regression" else None
+        prefix = f"robustlab.gate.{number}"
+        eps = "none" if check.eps is None else f"{check.eps:g}"
+        out += [(f"{prefix}.metric", check.metric if check.kind != "regression" else f"{check.metric} (regression)"),
+                (f"{prefix}.threat_model", f"model={check.model} attack={check.attack} norm={check.norm} eps={eps} "
+                                           f"targeted={check.targeted}"),
+                (f"{prefix}.measured", _num(check.measured)),
+                (f"{prefix}.interval", "" if j is None or not j.get("interval") else
+                 "[{:.4f}, {:.4f}]".format(*j["interval"])),
+                (f"{prefix}.required", _num(check.required)),
+                (f"{prefix}.evaluation", (j or {}).get("evaluation") or ""),
+                (f"{prefix}.outcome", (j or {}).get("outcome") or ("pass" if check.passed else "fail"))]
+    return out
 
 
 def _audit_kwargs(config: dict) -> dict:

@@ -501,3 +501,29 @@ def test_param(robustlab, model, data, eps):
     run.stdout.fnmatch_lines(["*robustlab robustness gates*", "5 gates, 2 failed"])
     for test in tests:
         assert f"{test} " in run.stdout.str()
+
+
+# ---------------------------------------------------------------------------- JUnit XML
+def test_junit_xml_carries_each_gates_figures(project):
+    """`--junitxml`: every gate's metric, threat model, measured figure, interval, requirement,
+    evaluation status and outcome are properties of its test case, read back from the XML."""
+    import xml.etree.ElementTree as ET
+
+    project.makepyfile(test_gates=PASSING + FAILING.split("import pytest", 1)[1])
+    xml_path = project.path / "junit.xml"
+    outcome = project.runpytest("-q", "--robustlab-quick", f"--junitxml={xml_path}")
+    outcome.assert_outcomes(passed=1, failed=2)
+    cases = {case.get("name"): {p.get("name"): p.get("value") for p in case.iter("property")}
+             for case in ET.parse(xml_path).getroot().iter("testcase")}
+    passing = cases["test_small_eps_is_robust"]
+    assert passing["robustlab.gate.0.metric"] == "robust_accuracy"
+    assert passing["robustlab.gate.0.threat_model"].startswith("model=linear attack=worst-case norm=linf eps=0.01")
+    assert passing["robustlab.gate.0.required"] == "0.5"
+    assert float(passing["robustlab.gate.0.measured"]) >= 0.5
+    low, high = (float(v) for v in passing["robustlab.gate.0.interval"].strip("[]").split(","))
+    assert low <= float(passing["robustlab.gate.0.measured"]) <= high
+    assert passing["robustlab.gate.0.outcome"] == "meets"
+    assert passing["robustlab.gate.0.evaluation"].startswith("weaker than standard")  # quick suite
+    failing = cases["test_large_eps"]
+    assert failing["robustlab.gate.0.outcome"] == "does not meet"
+    assert float(failing["robustlab.gate.0.measured"]) < 0.9

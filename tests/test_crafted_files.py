@@ -23,7 +23,8 @@ from robustlab.errors import InputError, UntrustedFileError
 from robustlab.loading import load_model, pt2_unsafe_parts
 from support import digits_model, digits_test
 
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore:Duplicate name"),
+              pytest.mark.usefixtures("one_thread")]
 
 LIVE_IN_TORCH = {"sample-inputs", "pickled-weight", "opaque-constant"}  # torch.export.load runs these payloads
 
@@ -86,6 +87,19 @@ def test_pt2_payloads_are_live_threats(tmp_path, plain_pt2, variant):
     except InputError:
         pass
     assert marker.exists()
+
+
+def test_pt2_graph_calling_a_python_function_never_runs(tmp_path, plain_pt2):
+    """No pickle at all: a graph node calling os.system. torch's verifier refuses the operator at load."""
+    from crafted import craft_pt2_graph_call
+
+    marker = tmp_path / "ran"
+    path = craft_pt2_graph_call(tmp_path / "graph.pt2", marker, plain_pt2)
+    assert pt2_unsafe_parts(path.read_bytes()) == []  # nothing pickled: it is the graph that is hostile
+    for trust in (False, True):
+        with pytest.raises(InputError, match="not an allowed operator type"):
+            load_model(str(path), trust_pickle=trust)
+    assert not marker.exists()
 
 
 def test_pt2_refusal_names_what_was_found(tmp_path, plain_pt2):

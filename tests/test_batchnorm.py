@@ -167,7 +167,7 @@ def test_api_audit_of_a_batchnorm_resnet(resnet, tmp_path):
 @pytest.mark.parametrize("with_weights", [True, False], ids=["weights", "random-weights"])
 def test_cli_audit_of_a_batchnorm_resnet(resnet, tmp_path, capsys, with_weights):
     out = tmp_path / "r"
-    weights = ["--weights", resnet["weights"]] if with_weights else []
+    weights = ["--weights", resnet["weights"]] if with_weights else ["--random-init"]  # refused without it
     code = main(["audit", "--model", f"{resnet['source']}:tiny_resnet", *weights, "--data", resnet["data"],
                  "--out", str(out), "--attack", "fgsm", "--eps", "0.05", "--n", "24", "--suite", "quick",
                  "--checks", "none", "--quiet"])

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from robustlab import verdicts as V
-from robustlab.results import WORST_CASE, AuditResult
+from robustlab.results import WORST_CASE, AuditResult, is_certified
 
 UNTARGETED = "none"
 
@@ -87,8 +87,26 @@ def bounded(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def attack_order(attacks) -> list[str]:
-    seen = list(dict.fromkeys(attacks))
+    """The attacks of a block, worst case last; certificate rows (`certified_order`) are not attacks."""
+    seen = [a for a in dict.fromkeys(attacks) if not is_certified(a)]
     return [a for a in seen if a != WORST_CASE] + ([WORST_CASE] if WORST_CASE in seen else [])
+
+
+def certified_order(attacks) -> list[str]:
+    """The certificate rows of a block ("certified:crown", ...), in order."""
+    return [a for a in dict.fromkeys(attacks) if is_certified(a)]
+
+
+def certified(block: pd.DataFrame) -> dict[float, tuple[str, float]]:
+    """eps -> (method, certified accuracy) on the worst-case rows of one (model, targeted) block: the lower
+    end of the bracket [certified, robust] (IBP/CROWN; smoothing certifies another classifier)."""
+    if "certified_accuracy" not in block or not len(block):
+        return {}
+    rows = bounded(block)
+    worst = rows[(rows["attack"] == WORST_CASE) & rows["certified_accuracy"].notna()]
+    methods = [a.split(":", 1)[1] for a in certified_order(rows["attack"]) if "smoothing" not in a]
+    method = methods[0] if methods else "certified"
+    return {float(e): (method, float(v)) for e, v in zip(worst["eps"], worst["certified_accuracy"])}
 
 
 def eps_values(summary: pd.DataFrame) -> list[float]:
@@ -221,6 +239,7 @@ def per_class(result: AuditResult, model: str, targeted: str) -> pd.DataFrame:
     """
     s = result.samples
     rows = s[(s["model"] == model) & (s["targeted"] == targeted) & s["eps"].notna()]
+    rows = rows[~rows["attack"].map(is_certified)]  # certificates are lower bounds, not attacks
     if rows.empty:
         return pd.DataFrame()
     per_sample = rows.groupby(["eps", "sample"]).agg(robust=("robust", "all"), label=("label", "first"),

@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--retrain", action="store_true", help="retrain the demo model instead of using the cache")
     demo.add_argument("--quiet", action="store_true", help="no progress messages")
     _suite_option(demo)
+    _certify_option(demo)
     _integrity_options(demo, explain_default="all")
     _requirement_options(demo)
     _tracking_options(demo)
@@ -192,6 +193,7 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: fgsm, pgd, cw, apgd-ce, apgd-t, fab-t, square, foolbox:NAME (reported beside "
                         "the --suite)")
     _suite_option(g)
+    _certify_option(g)
     g.add_argument("--eps", default="0.05,0.1,0.2", help="comma-separated budgets; fractions allowed (8/255)")
     g.add_argument("--norm", default="linf", choices=("linf", "l2"))
     g.add_argument("--targeted", default="none", help="none, random, least-likely, next, all, or a class label")
@@ -212,6 +214,25 @@ def _suite_option(g: Any) -> None:
                    help="attack cascade run on every sample beside --attack; its row joins the worst case "
                         "(default: standard = APGD-CE, APGD-T, Square-5000 as in AutoAttack; quick = APGD-CE and "
                         "APGD-T with fewer iterations, for CI; only the standard suite can establish robustness)")
+
+
+def _certify_option(g: Any) -> None:
+    g.add_argument("--certify", default=None, metavar="METHOD",
+                   help="certified lower bounds beside the attacks, untargeted, at every eps: ibp, crown (proofs for "
+                        "Linear/Conv/ReLU/pooling models; others are skipped with the reason), smoothing[:SIGMA] "
+                        "(randomised smoothing of the model, default sigma 0.25); rows certified:METHOD with "
+                        "certified_accuracy, also on the worst-case row")
+
+
+def _certify(args: argparse.Namespace) -> str | None:
+    """--certify, checked before any work (exit 2 naming --certify)."""
+    from robustlab.errors import InputError
+    from robustlab.harness import certify_spec, parse_certify
+
+    try:
+        return certify_spec(parse_certify(args.certify))
+    except InputError as error:
+        raise UsageError(f"--certify: {error.problem}") from None
 
 
 def _integrity_options(p: argparse.ArgumentParser, *, explain_default: str | None) -> None:
@@ -290,6 +311,7 @@ def _audit(args: argparse.Namespace) -> int:
         value = getattr(args, option)
         if value is not None and value < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be positive, got {value}")
+    certify = _certify(args)
 
     from robustlab.harness import audit, check_audit, resolve_device
     from robustlab.loading import load_model
@@ -305,7 +327,8 @@ def _audit(args: argparse.Namespace) -> int:
     data = load_data(args.data, trust_pickle=args.trust_pickle)
     options = dict(attacks=attacks, eps=eps, norm=args.norm, targeted=args.targeted, steps=args.steps,
                    restarts=args.restarts, loss=args.loss, seed=args.seed, n=args.n, device=device,
-                   batch_size=args.batch_size, checks=args.checks, explain=args.explain, suite=args.suite)
+                   batch_size=args.batch_size, checks=args.checks, explain=args.explain, suite=args.suite,
+                   certify=certify)
     defense_plan = _defense_plan(args, eps)
     if defense_plan is not None:
         check_audit(model, data, **options)  # every audit option checked before hours of training
@@ -325,6 +348,7 @@ def _demo(args: argparse.Namespace) -> int:
     eps = (0.05, 0.1, 0.2)
     requirements = _requirements(args, eps)
     _check_tracking(args)
+    certify = _certify(args)
     check_output_dir(args.out)
     device = resolve_device(args.device)
     if args.n is not None and args.n < 1:
@@ -343,7 +367,7 @@ def _demo(args: argparse.Namespace) -> int:
     models, defended = _with_defenses(model, defense_plan, args)
     result = audit(models, digits_split("test"), attacks=("fgsm", "pgd", "cw"), eps=eps, seed=args.seed,
                    n=args.n, device=device, progress=not args.quiet, checks=args.checks, explain=args.explain,
-                   suite=args.suite)
+                   suite=args.suite, certify=certify)
     return _finish(result, args.out, requirements, defended=defended, base=model,
                    base_spec="robustlab.zoo:digits_cnn", track=lambda: _track(args, args.out))
 
@@ -418,6 +442,9 @@ def _finish(result, out: str, requirements: list, *, defended: dict | None = Non
 
         save_models(defended, Path(out) / "models", base=base, base_spec=base_spec)
     print(result.table())
+    for name, info in (result.metadata.get("certify") or {}).items():
+        if isinstance(info, dict) and info.get("status") == "skipped":
+            print(f"certify {info.get('method')}: {name} skipped: {info.get('reason')}")
     print("\n" + format_checks(result))
     report, summary = _render(out)  # from the saved files alone, as `robustlab report` would
     print(f"\nresults: {os.path.join(out, 'results.json')} and samples.csv; report: {report}; summary: {summary}")

@@ -27,11 +27,12 @@ from robustlab.attacks import SUITES, Attack, AttackOutcome, Cascade, get_attack
 from robustlab.attacks.base import check_eps_fits, transfer, validate_inputs, validate_labels
 from robustlab.batching import BatchRunner
 from robustlab.data import Dataset, load_data
-from robustlab.errors import InputError
+from robustlab.errors import InputError, VerificationError
 from robustlab.integrity import LEVELS
 from robustlab.integrity.base import Extra, Found, ModeEvidence, ModelContext
 from robustlab.model import ModelUnderTest, RobustlabWarning
-from robustlab.results import SUMMARY_COLUMNS, WORST_CASE, AuditResult, example_key, sample_frame
+from robustlab.results import (SUMMARY_COLUMNS, WORST_CASE, AuditResult, certified_label, example_key, is_certified,
+                               sample_frame)
 from robustlab.verdicts import evaluate as evaluate_verdicts
 from robustlab.threat import Bounds, get_norm
 
@@ -60,6 +61,7 @@ class _Plan:
     surrogate: Any = None  # a user-given surrogate module for the strict transfer check
     explain: list[str] = field(default_factory=list)  # explanation stages (robustlab.explaining)
     suite: str = DEFAULT_SUITE  # the cascade run beside the attacks, or "none"
+    certify: tuple[str, float | None] | None = None  # (method, sigma): robustlab.certify beside the attacks
 
 
 def audit(
@@ -88,6 +90,7 @@ def audit(
     surrogate: Any = None,
     explain: str | Sequence[str] | None = None,
     suite: str = DEFAULT_SUITE,
+    certify: str | None = None,
 ) -> AuditResult:
     """Attack `model` on `data` and return verified, tidy results.
 
@@ -118,6 +121,14 @@ def audit(
     explain: "saliency", "shap", "probes" (a list or comma-separated; "all"): explanations of the
         attacked samples on clean and adversarial inputs (robustlab.explaining); frames land in
         `result.tables`, maps in `result.examples`, timings and flags in metadata["explain"].
+    certify: None, "ibp", "crown", "smoothing" or "smoothing:SIGMA" (default sigma 0.25): certificates
+        (robustlab.certify) of the untargeted threat model at every eps, in the audit's norm, beside the attacks.
+        Rows "certified:ibp" / "certified:crown" / "certified:smoothing(sigma=S)" hold `certified_accuracy`
+        (robust_accuracy NaN; they join no worst case); IBP/CROWN's also lands on the worst-case row, so one
+        row holds the bracket [certified_accuracy, robust_accuracy]. Smoothing certifies the smoothed
+        classifier, not the model, so its figure stays on its own row. A model with a layer the bounds do not
+        support is skipped with the reason in metadata["certify"][model]. A sample certified at eps and broken
+        by an attack at eps (or a smaller one) raises VerificationError: a bug in one of the two.
     """
     started_wall = _dt.datetime.now(_dt.timezone.utc)
     started = time.perf_counter()
@@ -125,7 +136,7 @@ def audit(
     plan = _plan(model, data, attacks=attacks, eps=eps, norm=norm, targeted=targeted, steps=steps,
                  restarts=restarts, loss=loss, seed=seed, n=n, device=device, batch_size=batch_size, bounds=bounds,
                  mean=mean, std=std, name=name, classes=classes, output=output, checks=checks, surrogate=surrogate,
-                 explain=explain, suite=suite)
+                 explain=explain, suite=suite, certify=certify)
     summaries: list[dict] = []
     check_results: list[dict] = []
     adaptive: list[dict] = []
@@ -134,8 +145,9 @@ def audit(
     batch_sizes: dict[str, int] = {}
     examples: dict[str, np.ndarray] = {}
     explained: dict = {}
+    certified: dict[str, dict] = {}
     for model_name, mut in plan.models.items():
-        s, f, used, shown, integrity, explanation = _audit_one(mut, plan, say)
+        s, f, used, shown, integrity, explanation = _audit_one(mut, plan, say, certified)
         if explanation is not None:
             explained[model_name] = explanation
         summaries.extend(s)
@@ -153,18 +165,26 @@ def audit(
                          {"attacks": [a if isinstance(a, str) else a.config() for a in attacks], "eps": plan.eps,
                           "norm": plan.norm, "targeted": plan.modes, "steps": steps, "restarts": restarts,
                           "loss": loss, "seed": seed, "n": n, "device": str(device), "batch_size": batch_size,
-                          "checks": plan.checks, "suite": plan.suite})
+                          "checks": plan.checks, "suite": plan.suite, "certify": certify_spec(plan.certify)})
+    if plan.certify is not None:
+        metadata["certify"] = certified
     if plan.checks == "none":
         metadata["checks"] = {"level": "none"}
     else:
         metadata["checks"] = {"level": plan.checks, "results": check_results, "adaptive": adaptive,
                               "seconds": round(check_seconds, 3)}
-    metadata["evaluation"] = evaluate_verdicts(summary, check_results, level=plan.checks, norm=plan.norm)
+    attacked_rows = summary[~summary["attack"].map(is_certified)] if len(summary) else summary
+    metadata["evaluation"] = evaluate_verdicts(attacked_rows, check_results, level=plan.checks, norm=plan.norm)
     metadata["definitions"]["evaluation"] = (
         "per (model, norm, eps, targeted): the worst-case robust accuracy with its 95% Wilson interval over n, and "
         "a status: 'established' (the standard suite ran and every applicable check passed), 'weaker than "
         "standard' (no check failed, but the suite was reduced or the checks were not run), 'not established' "
         "(a check failed). Only a requirement the user sets says whether the figure is enough")
+    if plan.certify is not None:
+        metadata["definitions"]["certified_accuracy"] = (
+            "share of all n samples proven robust at eps (IBP/CROWN: every input in the eps ball is classified "
+            "correctly, a lower bound of robust accuracy under any attack; smoothing: the smoothed classifier's "
+            "certified L2 radius exceeds eps, with probability 1 - alpha over the noise)")
     tables: dict[str, pd.DataFrame] = {}
     if plan.explain:
         from robustlab.explaining import merge
@@ -207,8 +227,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, seed, n, device, batch_size, bounds,
           mean, std, name, classes, output, checks="default", surrogate=None, explain=None,
-          suite=DEFAULT_SUITE) -> _Plan:
+          suite=DEFAULT_SUITE, certify=None) -> _Plan:
     from robustlab.explaining import parse_stages
+
+    certifying = parse_certify(certify)
 
     if not isinstance(suite, str) or suite.strip().lower() not in SUITES + ("none",):
         raise InputError("suite", f"expected one of {', '.join(SUITES + ('none',))}, got {suite!r}")
@@ -225,6 +247,8 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
         raise InputError("batch_size", f"must be a positive integer, got {batch_size!r}")
     dev = None if str(device).lower() == "auto" else resolve_device(device)  # auto: where each model is
     geometry = get_norm(norm)
+    if certifying is not None and geometry.name not in ("linf", "l2"):
+        raise InputError("certify", f"certificates are for linf and l2 audits, not {geometry.name}")
     eps_list = [eps] if isinstance(eps, (int, float)) else list(eps)
     if not eps_list:
         raise InputError("eps", "give at least one epsilon")
@@ -267,7 +291,48 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
         raise InputError("model", f"models audited together must have the same classes; got class counts {sorted(shapes)}")
     return _Plan(models=models, data=dataset, attacks=built, eps=eps_list, norm=geometry.name, modes=modes,
                  seed=int(seed), batch_size=batch_size, device=dev, checks=checks, surrogate=surrogate,
-                 explain=stages, suite=suite)
+                 explain=stages, suite=suite, certify=certifying)
+
+
+CERTIFY_METHODS = ("ibp", "crown", "smoothing")
+DEFAULT_SIGMA = 0.25
+
+
+def parse_certify(value: Any) -> tuple[str, float | None] | None:
+    """None, "ibp", "crown", "smoothing", "smoothing:SIGMA" -> None or (method, sigma); InputError naming certify."""
+    if value is None:
+        return None
+    expected = "expected none, ibp, crown, smoothing or smoothing:SIGMA"
+    if not isinstance(value, str):
+        raise InputError("certify", f"{expected}, got {value!r}")
+    text = value.strip().lower()
+    if text in ("", "none"):
+        return None
+    method, colon, rest = text.partition(":")
+    method = method.strip()
+    if method not in CERTIFY_METHODS:
+        raise InputError("certify", f"{expected}, got {value!r}")
+    if method != "smoothing":
+        if colon:
+            raise InputError("certify", f"{method} takes no parameter, got {value!r}")
+        return method, None
+    if not colon:
+        return method, DEFAULT_SIGMA
+    try:
+        sigma = float(rest)
+    except ValueError:
+        raise InputError("certify", f"smoothing:SIGMA needs a number, got {value!r}") from None
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise InputError("certify", f"smoothing's noise level sigma must be > 0, got {value!r}")
+    return method, sigma
+
+
+def certify_spec(parsed: tuple[str, float | None] | None) -> str | None:
+    """The canonical text of a parsed certify option ("crown", "smoothing:0.25"), or None."""
+    if parsed is None:
+        return None
+    method, sigma = parsed
+    return method if sigma is None else f"{method}:{sigma:g}"
 
 
 def _models(model, name, wrap_options, device) -> dict[str, ModelUnderTest]:
@@ -374,7 +439,8 @@ def _clean_logits(mut: ModelUnderTest, x: torch.Tensor, batch_size: int | None) 
     return torch.cat(parts), runner.batch_size
 
 
-def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[dict], pd.DataFrame, int, dict, dict]:
+def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress,
+               certified: dict[str, dict]) -> tuple[list[dict], pd.DataFrame, int, dict, dict, Any]:
     data = plan.data
     x, y, ids = data.x, data.y, data.indices
     logits, used_batch = _clean_logits(mut, x, plan.batch_size)
@@ -465,9 +531,17 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
                                     {k: v for k, v in kept.items() if len(v[0]) == len(attacked)}, plan.explain,
                                     background=x, seed=plan.seed, batch_size=plan.batch_size,
                                     differentiable=not via_surrogate, say=say)
+    certificates: dict[float, Any] = {}
+    if plan.certify is not None:
+        certificates, certified[mut.name] = _certify_one(mut, plan, x, y, ids, "none" in states, say)
+        for eps, outcome in certificates.items():
+            summaries.append(_certified_rows(mut.name, plan, eps, outcome, x, y, ids, clean_pred, clean_correct,
+                                             rows))
+    bracket = {e: o for e, o in certificates.items() if o.method in ("ibp", "crown")}
     for mode, state in states.items():
         others = [s for m, s in states.items() if m != mode] if mode == "none" else []
-        if len(state.blocks) + sum(len(s.blocks) for s in others) < 2:
+        mine = bracket if mode == "none" else {}
+        if len(state.blocks) + sum(len(s.blocks) for s in others) < 2 and not mine:
             continue  # one attack at one eps: its own row is the worst case
         for eps in plan.eps:
             worst = _worst_case(mut.name, plan.norm, eps, mode, state, others, summaries, y, ids, clean_pred,
@@ -476,8 +550,130 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress) -> tuple[list[di
                 continue
             if via_surrogate:
                 _add_note(worst, TRANSFER_NOTE)
+            if eps in mine:
+                worst["certified_accuracy"] = mine[eps].certified_accuracy
             summaries.append(worst)
+        for eps, outcome in mine.items():
+            _check_consistency(mut.name, plan.norm, eps, outcome, state, others, ids)
     return summaries, sample_frame(rows), used_batch, examples, integrity, explanation
+
+
+# ---------------------------------------------------------------------------- certificates
+def _certify_one(mut: ModelUnderTest, plan: _Plan, x, y, ids, untargeted: bool,
+                 say: Progress) -> tuple[dict[float, Any], dict]:
+    """Certificates (robustlab.certify) of the untargeted threat model at every eps, and what
+    metadata["certify"][model] records: the method, or why the model was skipped."""
+    from robustlab.certify import UnsupportedLayerError, certify
+
+    assert plan.certify is not None
+    method, sigma = plan.certify
+    info: dict[str, Any] = {"method": method, **({"sigma": sigma} if sigma is not None else {})}
+    if not untargeted:
+        info.update(status="skipped", reason="certificates are for the untargeted threat model, which this audit "
+                                             "does not run (targeted=none)")
+        say(f"{mut.name}: certify {method} skipped: {info['reason']}")
+        return {}, info
+    out: dict[float, Any] = {}
+    started = time.perf_counter()
+    try:
+        if method == "smoothing":  # one CERTIFY run: the radii give every eps
+            base = certify(mut, x, y, eps=max(plan.eps), norm=plan.norm, method=method, sigma=sigma,
+                           seed=plan.seed, sample_ids=ids, batch_size=plan.batch_size)
+            for eps in plan.eps:
+                out[eps] = _at_eps(base, eps)
+        else:
+            for eps in plan.eps:
+                out[eps] = certify(mut, x, y, eps=eps, norm=plan.norm, method=method, sample_ids=ids)
+                say(f"{mut.name}: certified:{method} eps={eps:g}: {out[eps].certified_accuracy:.1%} certified "
+                    f"in {out[eps].seconds:.1f}s")
+    except UnsupportedLayerError as error:
+        info.update(status="skipped", reason=error.problem, layer=error.layer, kind=error.kind)
+        say(f"{mut.name}: certify {method} skipped: cannot certify layer {error.layer!r} ({error.kind}): "
+            f"{error.reason}")
+        return {}, info
+    seconds = time.perf_counter() - started
+    notes = list(dict.fromkeys(note for o in out.values() for note in o.notes))
+    info.update(status="certified", seconds=round(seconds, 3), notes=notes,
+                certified_accuracy={format(e, "g"): o.certified_accuracy for e, o in out.items()})
+    if method == "smoothing":
+        info.update(abstention_rate=next(iter(out.values())).abstention_rate,
+                    options={k: v for k, v in next(iter(out.values())).options.items()})
+        say(f"{mut.name}: certified:{method} (sigma={sigma:g}) in {seconds:.1f}s")
+    return out, info
+
+
+def _at_eps(base: Any, eps: float) -> Any:
+    """A smoothing outcome re-read at another eps from the same radii."""
+    import dataclasses
+
+    return dataclasses.replace(base, eps=eps, certified=base.certified_at(eps))
+
+
+def _certified_rows(model_name: str, plan: _Plan, eps: float, outcome: Any, x, y, ids, clean_pred, clean_correct,
+                    rows) -> dict:
+    """Sample rows of one certificate (robust = certified, nothing attacked) and its summary record."""
+    assert plan.certify is not None
+    method, sigma = plan.certify
+    label = certified_label(method, sigma)
+    n = len(y)
+    certified = outcome.certified.cpu().bool()
+    nan = [float("nan")] * n
+    rows["model"] += [model_name] * n
+    rows["sample"] += ids.tolist()
+    rows["attack"] += [label] * n
+    rows["norm"] += [plan.norm] * n
+    rows["eps"] += [eps] * n
+    rows["targeted"] += ["none"] * n
+    rows["target"] += [pd.NA] * n
+    rows["label"] += y.tolist()
+    rows["clean_pred"] += clean_pred.tolist()
+    rows["adv_pred"] += outcome.prediction.cpu().long().tolist()  # smoothing: the smoothed class, -1 abstained
+    rows["adv_confidence"] += nan
+    rows["clean_correct"] += clean_correct.tolist()
+    rows["attacked"] += [False] * n
+    rows["success"] += [False] * n
+    rows["robust"] += certified.tolist()
+    rows["l2"] += nan
+    rows["linf"] += nan
+    record: dict[str, Any] = {
+        "model": model_name, "attack": label, "norm": plan.norm, "eps": eps, "targeted": "none", "n": n,
+        "clean_accuracy": float(clean_correct.double().mean()) if n else float("nan"),
+        "robust_accuracy": float("nan"), "certified_accuracy": outcome.certified_accuracy,
+        "success_rate": float("nan"), "n_attacked": 0, "median_l2": float("nan"), "median_linf": float("nan"),
+        "gradient_calls": 0, "seconds": round(float(outcome.seconds), 4)}
+    if method == "smoothing":
+        _add_note(record, f"the smoothed classifier (sigma={sigma:g}, n={outcome.options.get('n')}, "
+                          f"alpha={outcome.options.get('alpha')}), not the model; abstained on "
+                          f"{outcome.abstention_rate:.1%}")
+    return record
+
+
+def _check_consistency(model_name: str, norm: str, eps: float, outcome: Any, state: _ModeState,
+                       others: list[_ModeState], ids: Any) -> None:
+    """A sample proven robust at eps must not be broken by any verified attack at eps (or at a smaller eps:
+    the balls are nested), untargeted or targeted: one of the two would be wrong."""
+    certified = outcome.certified.cpu().bool()
+    if not certified.any():
+        return
+    within = eps + 1e-9 * max(1.0, eps)
+    clash = torch.zeros_like(certified)
+    attacks: list[str] = []
+    blocks = [(k, b, False) for k, b in state.blocks.items()] + \
+        [(k, b, True) for other in others for k, b in other.blocks.items()]
+    for (label, e), block, targeted in blocks:
+        if e > within:
+            continue
+        broken = (block.attacked & ~block.robust).any(dim=0).cpu() & certified
+        if broken.any():
+            clash |= broken
+            name = label if e == eps else f"{label} at eps={e:g}"
+            attacks.append(name + (" (targeted)" if targeted else ""))
+    if clash.any():
+        samples = ids[torch.nonzero(clash).reshape(-1)].tolist()
+        raise VerificationError(
+            f"model {model_name!r}: {int(clash.sum())} samples certified robust by {outcome.method} at {norm} "
+            f"eps={eps:g} were broken by verified attacks ({', '.join(dict.fromkeys(attacks))}); samples "
+            f"{samples[:5]}{' ...' if len(samples) > 5 else ''}: a bug in the certificate or in the attack")
 
 
 def _explained_attack(plan: _Plan) -> str | None:

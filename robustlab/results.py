@@ -33,9 +33,21 @@ from robustlab.errors import InputError
 SCHEMA = "robustlab.results/2"
 SCHEMAS_READ = ("robustlab.results/1", SCHEMA)  # /1 (no evaluation status, verdict "robust") is upgraded on load
 WORST_CASE = "worst-case"
+CERTIFIED = "certified:"  # prefix of the certificate rows (robustlab.certify): "certified:crown", ...
+
+
+def is_certified(attack: Any) -> bool:
+    """A certificate row ("certified:ibp", "certified:crown", "certified:smoothing(sigma=0.25)"): a lower
+    bound in `certified_accuracy`, never an attack (it joins no worst case; its robust_accuracy is NaN)."""
+    return isinstance(attack, str) and attack.startswith(CERTIFIED)
+
+
+def certified_label(method: str, sigma: float | None = None) -> str:
+    return f"{CERTIFIED}{method}" + (f"(sigma={sigma:g})" if method == "smoothing" else "")
 
 SUMMARY_COLUMNS = ["model", "attack", "norm", "eps", "targeted", "n", "clean_accuracy", "robust_accuracy",
-                   "success_rate", "n_attacked", "median_l2", "median_linf", "gradient_calls", "seconds"]
+                   "certified_accuracy", "success_rate", "n_attacked", "median_l2", "median_linf", "gradient_calls",
+                   "seconds"]
 SAMPLE_COLUMNS = ["model", "sample", "attack", "norm", "eps", "targeted", "target", "label", "clean_pred",
                   "adv_pred", "adv_confidence", "clean_correct", "attacked", "success", "robust", "l2", "linf"]
 _SAMPLE_DTYPES = {"model": "string", "sample": "int64", "attack": "string", "norm": "string", "eps": "float64",
@@ -89,7 +101,8 @@ class AuditResult:
         try:
             metadata = dict(self.metadata, tables=sorted(self.tables)) if self.tables else self.metadata
             document = {"schema": SCHEMA, "metadata": metadata,
-                        "summary": _records(self.summary[SUMMARY_COLUMNS + _extra(self.summary, SUMMARY_COLUMNS)])}
+                        "summary": _records(self.summary.reindex(
+                            columns=SUMMARY_COLUMNS + _extra(self.summary, SUMMARY_COLUMNS)))}
             (staging / "results.json").write_text(json.dumps(_clean(document), indent=2, allow_nan=False) + "\n")
             self.samples.to_csv(staging / "samples.csv", index=False, float_format="%.9g")
             if self.examples:
@@ -138,6 +151,9 @@ def load(directory: str | os.PathLike) -> AuditResult:
     summary = pd.DataFrame.from_records(document["summary"])
     if len(summary):
         summary["eps"] = summary["eps"].astype("float64")
+        # files written before certificates (robustlab.certify) have no certified_accuracy: NaN
+        summary["certified_accuracy"] = summary.get("certified_accuracy", pd.Series(np.nan, index=summary.index)) \
+            .astype("float64")
     frame = pd.read_csv(samples, dtype={k: v for k, v in _SAMPLE_DTYPES.items() if v != "bool"}) \
         if samples.exists() else pd.DataFrame(columns=SAMPLE_COLUMNS)
     for column, dtype in _SAMPLE_DTYPES.items():
@@ -194,15 +210,23 @@ def format_table(summary: pd.DataFrame) -> str:
         bounded = block[block["eps"].notna()]
         eps_values = sorted(bounded["eps"].unique())
         attacks = list(dict.fromkeys(bounded["attack"]))
-        attacks = [a for a in attacks if a != WORST_CASE] + ([WORST_CASE] if WORST_CASE in attacks else [])
-        header = f"  {'robust accuracy':<16}" + "".join(f"{'eps=' + format(e, 'g'):>11}" for e in eps_values)
+        certified = [a for a in attacks if is_certified(a)]
+        attacks = [a for a in attacks if a != WORST_CASE and not is_certified(a)] + \
+            ([WORST_CASE] if WORST_CASE in attacks else []) + certified
+        width = max([16] + [len(a) + 1 for a in attacks])
+        header = f"  {'robust accuracy':<{width}}" + "".join(f"{'eps=' + format(e, 'g'):>11}" for e in eps_values)
         lines.append(header)
         for attack in attacks:
+            column = "certified_accuracy" if is_certified(attack) else "robust_accuracy"
             cells = []
             for e in eps_values:
                 hit = bounded[(bounded["attack"] == attack) & (bounded["eps"] == e)]
-                cells.append(f"{float(hit['robust_accuracy'].iloc[0]):>11.1%}" if len(hit) else f"{'-':>11}")
-            lines.append(f"  {attack:<16}" + "".join(cells))
+                value = float(hit[column].iloc[0]) if len(hit) and column in hit else float("nan")
+                cells.append(f"{value:>11.1%}" if math.isfinite(value) else f"{'-':>11}")
+            lines.append(f"  {attack:<{width}}" + "".join(cells))
+        if certified:
+            lines.append(f"  ({', '.join(certified)}: certified accuracy, a lower bound of the attacks' robust "
+                         "accuracy; smoothing's is the smoothed classifier's)")
         for _, row in block[block["eps"].isna()].iterrows():
             lines.append(f"  {row['attack']} without a budget: success {row['success_rate']:.1%}, "
                          f"median L2 {row['median_l2']:.3g}, median Linf {row['median_linf']:.3g}")

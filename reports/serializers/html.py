@@ -126,6 +126,7 @@ table.sortable th::after { content: "\\2195"; position: absolute; right: 6px; co
 table.sortable th[aria-sort=ascending]::after { content: "\\25B2"; color: var(--accent); }
 table.sortable th[aria-sort=descending]::after { content: "\\25BC"; color: var(--accent); }
 tr.worst td { font-weight: 700; border-top: 1.5px solid #9aa5b1; }
+tr.certified td { font-style: italic; color: #2d4a66; }
 tr.sep td { border-top: 2px solid #9aa5b1; }
 table.kv { border-collapse: collapse; font-size: 13.5px; width: 100%; }
 table.kv th { text-align: left; font-weight: 600; color: var(--muted); width: 200px; padding: 4px 12px 4px 0; vertical-align: top; border-bottom: 1px solid var(--line); }

@@ -112,6 +112,11 @@ def summary(result: AuditResult, *, report: str | None = None) -> str:
                     value = facts.pct(hit["robust_accuracy"].iloc[0]) if len(hit) else "–"
                     cells.append(f"**{value}**" if attack == WORST_CASE else value)
                 rows.append([md(model), md(facts.mode_label(targeted)), md(attack)] + cells)
+            for attack in facts.certified_order(block["attack"]):  # certified accuracy: the bracket's lower end
+                at = block[block["attack"] == attack]
+                cells = [facts.pct(hit["certified_accuracy"].iloc[0]) if len(hit) else "–"
+                         for hit in (at[(at["eps"] - e).abs() <= 1e-12] for e in eps_list)]
+                rows.append([md(model), md(facts.mode_label(targeted)), md(f"{attack} (certified)")] + cells)
         out += _table(["model", "threat model", "attack", *[f"eps={e:g}" for e in eps_list]], rows, 3)
         out.append("")
     minimal = result.summary[result.summary["eps"].isna()] if len(result.summary) else result.summary

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+from robustlab import verdicts
+
 
 def sign_test_p(b: int, c: int) -> float:
     """One-sided exact McNemar p-value: P(X >= b) for X ~ Binomial(b + c, 1/2)."""
@@ -22,11 +24,6 @@ def sign_test_p(b: int, c: int) -> float:
 
 
 def wilson(successes: int, n: int, z: float = 2.576) -> tuple[float, float]:
-    """Wilson score interval of a binomial rate (default z: 99% two-sided)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    """Wilson score interval of a binomial rate (default z: 99% two-sided, the checks' level;
+    the formula is robustlab.verdicts.wilson's, whose default is the verdicts' 95%)."""
+    return verdicts.wilson(successes, n, z)

@@ -214,7 +214,9 @@ def format_table(summary: pd.DataFrame) -> str:
         attacks = [a for a in attacks if a != WORST_CASE and not is_certified(a)] + \
             ([WORST_CASE] if WORST_CASE in attacks else []) + certified
         width = max([16] + [len(a) + 1 for a in attacks])
-        header = f"  {'robust accuracy':<{width}}" + "".join(f"{'eps=' + format(e, 'g'):>11}" for e in eps_values)
+        labels = ["eps=" + eps_text(e) for e in eps_values]
+        cell = max([11] + [len(label) + 2 for label in labels])  # columns never run together
+        header = f"  {'robust accuracy':<{width}}" + "".join(f"{label:>{cell}}" for label in labels)
         lines.append(header)
         for attack in attacks:
             column = "certified_accuracy" if is_certified(attack) else "robust_accuracy"
@@ -222,7 +224,7 @@ def format_table(summary: pd.DataFrame) -> str:
             for e in eps_values:
                 hit = bounded[(bounded["attack"] == attack) & (bounded["eps"] == e)]
                 value = float(hit[column].iloc[0]) if len(hit) and column in hit else float("nan")
-                cells.append(f"{value:>11.1%}" if math.isfinite(value) else f"{'-':>11}")
+                cells.append(f"{value:>{cell}.1%}" if math.isfinite(value) else f"{'-':>{cell}}")
             lines.append(f"  {attack:<{width}}" + "".join(cells))
         if certified:
             lines.append(f"  ({', '.join(certified)}: certified accuracy, a lower bound of the attacks' robust "
@@ -232,6 +234,18 @@ def format_table(summary: pd.DataFrame) -> str:
                          f"median L2 {row['median_l2']:.3g}, median Linf {row['median_linf']:.3g}")
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def eps_text(eps: float) -> str:
+    """eps as people write it: 0.1 stays 0.1, 8/255 is shown as 8/255 (not 0.0313725)."""
+    plain = format(eps, "g")
+    if len(plain) <= 6:
+        return plain
+    for denominator in (255, 256, 100, 1000):
+        k = round(eps * denominator)
+        if k and abs(eps - k / denominator) <= 1e-9 * max(1.0, abs(eps)):
+            return f"{k}/{denominator}"
+    return plain
 
 
 def _extra(frame: pd.DataFrame, known: list[str]) -> list[str]:

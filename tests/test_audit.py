@@ -254,3 +254,20 @@ def test_harness_module_does_not_shadow_the_audit_function():
     code = ("import robustlab.harness, robustlab; from robustlab.harness import resolve_device; "
             "assert callable(robustlab.audit) and robustlab.audit.__module__ == 'robustlab.harness'")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).returncode == 0
+
+
+def test_the_table_writes_eps_as_people_do_and_its_columns_never_run_together():
+    """--eps 2/255 printed as eps=0.00784314, wider than its 11-character column (issue 20)."""
+    import pandas as pd
+
+    from robustlab.results import format_table
+
+    rows = [{"model": "m", "attack": a, "norm": "linf", "eps": e, "targeted": "none", "n": 10, "clean_accuracy": 0.9,
+             "robust_accuracy": r, "success_rate": 0.1, "median_l2": 0.1, "median_linf": e}
+            for a in ("pgd", "worst-case") for e, r in ((2 / 255, 0.5), (8 / 255, 0.25), (0.1, 0.125))]
+    text = format_table(pd.DataFrame(rows))
+    header = next(line for line in text.splitlines() if "eps=" in line)
+    assert header.split()[2:] == ["eps=2/255", "eps=8/255", "eps=0.1"]
+    worst = next(line for line in text.splitlines() if line.strip().startswith("worst-case"))
+    assert worst.split()[1:] == ["50.0%", "25.0%", "12.5%"]
+    assert header.index("eps=8/255") + len("eps=8/255") == worst.index("25.0%") + len("25.0%")  # right-aligned

@@ -38,6 +38,17 @@ def digits_test(n: int = 120) -> Dataset:
     return digits_split("test").head(n)
 
 
+class Scale(nn.Module):
+    """Multiplies its input by a constant: puts a [0, 1] model behind inputs in [0, 255]."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
 class Softmaxed(nn.Module):
     """A model that (wrongly, for attacks) returns probabilities."""
 

@@ -24,7 +24,7 @@ from robustlab.attacks.apgd import checkpoint_schedule, target_groups
 from robustlab.attacks.losses import dlr
 from robustlab.model import ModelUnderTest
 from robustlab.threat import Bounds
-from support import digits_model, digits_test
+from support import Scale, digits_model, digits_test
 from test_attack_properties import _settings, problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,22 +202,13 @@ def test_apgd_t_matches_the_reference_apgd_t(norm, eps, digits_module, digits_mu
 
 def test_bounds_other_than_unit_box(check_outcome, digits_module, digits_correct):
     """The box is the model's declared one: inputs in [0, 255] with the scaling inside the model."""
-    module = torch.nn.Sequential(_Scale(1 / 255), digits_module).eval()
+    module = torch.nn.Sequential(Scale(1 / 255), digits_module).eval()
     mut = ModelUnderTest(module, bounds=Bounds(0.0, 255.0), output="logits")
     x, y = digits_correct.x[:40] * 255, digits_correct.y[:40]
     outcome = APGD(eps=0.1 * 255, steps=20)(mut, x, y)
     check_outcome(mut, x, y, None, outcome, eps=0.1 * 255, norm="linf")
     unit = APGD(eps=0.1, steps=20)(ModelUnderTest(digits_module, bounds=(0.0, 1.0)), x / 255, y)
     assert abs(int(outcome.success.sum()) - int(unit.success.sum())) <= 2
-
-
-class _Scale(torch.nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
 
 
 def test_fooled_samples_leave_the_run_without_changing_anyone_else(monkeypatch):

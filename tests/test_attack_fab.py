@@ -31,7 +31,7 @@ from robustlab.attacks.fab import plane_step
 from robustlab.errors import InputError
 from robustlab.model import ModelUnderTest
 from robustlab.threat import Bounds
-from support import digits_model
+from support import Scale, digits_model
 from test_attack_properties import _settings, problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,7 +211,7 @@ def test_fab_t_finds_the_closed_form_distance_on_an_affine_model(norm, check_out
 
 def test_any_box_scales_with_the_inputs(digits_module, digits_correct):
     """Inputs in [0, 255], the scaling inside the model: the same attack, norms 255x larger."""
-    module = torch.nn.Sequential(_Scale(1 / 255), digits_module).eval()
+    module = torch.nn.Sequential(Scale(1 / 255), digits_module).eval()
     x, y = digits_correct.x[:30], digits_correct.y[:30]
     scaled = FABT(n_targets=2, steps=30)(ModelUnderTest(module, bounds=Bounds(0.0, 255.0), output="logits"),
                                          x * 255, y)
@@ -219,15 +219,6 @@ def test_any_box_scales_with_the_inputs(digits_module, digits_correct):
     assert torch.equal(scaled.success, unit.success)
     ratio = scaled.linf.double()[unit.success] / 255 / unit.linf.double()[unit.success]
     assert float((ratio - 1).abs().median()) <= 1e-3
-
-
-class _Scale(torch.nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
 
 
 # ============================================================================ reference: torchattacks.FAB
@@ -313,7 +304,7 @@ def test_float16_model_finds_the_float32_norms(digits_correct, check_outcome):
 def test_an_l2_audit_runs_fab_t_in_l2():
     """The audit's norm reaches FAB-T (it did not: an L2 audit ran it in Linf and wrote L2 rows)."""
     import robustlab
-    from support import digits_model, digits_test
+    from support import digits_test
 
     result = robustlab.audit(digits_model(), digits_test(20), attacks=["fab-t"], norm="l2", eps=[0.5],
                              suite="none", checks="none", progress=False)

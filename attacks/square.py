@@ -282,18 +282,17 @@ class _Run:
         size = self.window(p, h, w, c, minimum=1, odd=False, cap_below_size=True)
         top, left = _positions(u[:, :2], size, h, w)
         mask = _window_mask(top, left, size, h, w)  # (n, 1, h, w)
-        draws = (u[:, 2:] < 0.5).reshape(n, LINF_SIGN_TRIES, c, 1, 1)  # True: +eps
-        positive = draws[:, 0]
-        trial = torch.where(mask, torch.where(positive, up, down), best)
-        for attempt in range(1, LINF_SIGN_TRIES + 1):
-            unchanged = ~((trial != best) & mask).reshape(n, -1).any(dim=1)
-            if not bool(unchanged.any()):
-                break
-            # negated signs always change a window of constant signs that they left unchanged
-            redraw = draws[:, attempt] if attempt < LINF_SIGN_TRIES else ~positive
-            positive = torch.where(unchanged.reshape(-1, 1, 1, 1), redraw, positive)
-            trial = torch.where(mask, torch.where(positive, up, down), best)
-        return trial
+        draws = (u[:, 2:] < 0.5).reshape(n, LINF_SIGN_TRIES, c)  # True: +eps
+        # Whether the window of channel k would change with +eps / -eps: then the first try whose
+        # signs change some channel is taken, as a loop of redraws would, without a loop.
+        changes_up = ((best != up) & mask).flatten(2).any(dim=2)  # (n, c)
+        changes_down = ((best != down) & mask).flatten(2).any(dim=2)
+        changes = torch.where(draws, changes_up.unsqueeze(1), changes_down.unsqueeze(1)).any(dim=2)  # (n, tries)
+        # the first changing try; none: the last try's signs negated (they always change the window)
+        first = torch.where(changes.any(dim=1), changes.to(torch.uint8).argmax(dim=1), LINF_SIGN_TRIES - 1)
+        positive = draws.gather(1, first.reshape(n, 1, 1).expand(n, 1, c)).squeeze(1)
+        positive = torch.where(changes.any(dim=1, keepdim=True), positive, ~positive)
+        return torch.where(mask, torch.where(positive.reshape(n, c, 1, 1), up, down), best)
 
     def l2_step(self, x, best, u, p):
         n, c, h, w = x.shape

@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -160,6 +161,9 @@ def save_models(models: dict[str, nn.Module], directory: str | os.PathLike, *, b
                 base_spec: str | None = None) -> list[Path]:
     """Each defended model as NAME.safetensors (its state_dict) + NAME.json (how it was made, how to load it).
 
+    base_spec: the base model's `--model` (a module:factory, as the user typed it). The JSON's `load` is a
+    command that loads the saved weights from the directory the user ran in: `directory` as given (relative
+    paths stay relative), with the base's bounds and normalisation.
     Written into a staging directory and moved into place, so an interrupted save leaves nothing behind.
     """
     from safetensors.torch import save_file
@@ -180,7 +184,7 @@ def save_models(models: dict[str, nn.Module], directory: str | os.PathLike, *, b
                 "bounds": base.bounds.to_json(),
                 "mean": None if base.mean is None else base.mean.tolist(),
                 "std": None if base.std is None else base.std.tolist(),
-                "load": _how_to_load(name, module, base_spec),
+                "load": _how_to_load(name, module, base_spec, target / f"{name}.safetensors", base),
             }
             (staging / f"{name}.json").write_text(json.dumps(about, indent=2, default=str) + "\n")
             written.append(target / f"{name}.safetensors")
@@ -197,15 +201,34 @@ def save_models(models: dict[str, nn.Module], directory: str | os.PathLike, *, b
     return written
 
 
-def _how_to_load(name: str, module: nn.Module, base_spec: str | None) -> str:
+def _how_to_load(name: str, module: nn.Module, base_spec: str | None, weights: Path, base: ModelUnderTest) -> str:
+    """The command that audits this defended model, runnable from where the user ran the audit."""
     defense = getattr(module, "defense", {}) or {}
     if defense.get("defense") == "ensemble":
         return (f"an ensemble ({defense.get('combine')}) of {defense.get('members')} members of the base architecture; "
                 "the state_dict keys are members.<i>.<parameter>: load each member with the base factory and "
                 "combine them with robustlab.defenses.ensemble(members, combine)")
-    if base_spec:
-        return f"robustlab audit --model {base_spec} --weights {name}.safetensors (same --bounds/--mean/--std)"
-    return "the base model's architecture with these weights (load_state_dict)"
+    if not base_spec:
+        return "the base model's architecture with these weights (load_state_dict)"
+    words = ["robustlab", "audit", "--model", base_spec, "--weights", str(weights)]
+    bounds = base.bounds.to_json()
+    low, high = bounds["low"], bounds["high"]
+    per_feature = isinstance(low, list) or isinstance(high, list)
+    if not per_feature and (low, high) != (0.0, 1.0):
+        words += ["--bounds", f"{_short(low)},{_short(high)}"]
+    for flag, value in (("--mean", base.mean), ("--std", base.std)):
+        if value is not None:
+            words += [flag, ",".join(_short(v) for v in value.detach().cpu().reshape(-1).numpy())]
+    command = " ".join(shlex.quote(w) for w in words)
+    return command + (" (per-feature bounds: pass bounds= from Python)" if per_feature else "")
+
+
+def _short(value) -> str:
+    """The shortest text that reads back as the same number in its own precision (float32 0.485 -> '0.485')."""
+    import numpy as np
+
+    text = str(value if isinstance(value, np.floating) else np.float64(value))
+    return text[:-2] if text.endswith(".0") else text
 
 
 # ---------------------------------------------------------------------------- helpers

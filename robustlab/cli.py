@@ -334,7 +334,7 @@ def _audit(args: argparse.Namespace) -> int:
         check_audit(model, data, **options)  # every audit option checked before hours of training
     models, defended = _with_defenses(model, defense_plan, args)
     result = audit(models, data, progress=not args.quiet, **options)
-    return _finish(result, args.out, requirements, defended=defended, base=model, base_spec=_spec(args),
+    return _finish(result, args.out, requirements, defended=defended, base=model, base_spec=args.model,
                    track=lambda: _track(args, args.out))
 
 
@@ -420,10 +420,6 @@ def _with_defenses(model, plan: _DefensePlan | None, args: argparse.Namespace):
             raise UsageError(f"the model is named {name!r}, like a defense; choose another --name")
         models[name] = defended_wrapper(module, model, name)
     return models, defended
-
-
-def _spec(args: argparse.Namespace) -> str:
-    return args.model + (f" --weights {args.weights}" if args.weights else "")
 
 
 def _finish(result, out: str, requirements: list, *, defended: dict | None = None, base=None,

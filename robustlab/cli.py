@@ -22,6 +22,22 @@ class UsageError(Exception):
     """A command-line value that cannot be parsed; exit status 2."""
 
 
+ATTACKS_PLACEHOLDER = "<registered attacks>"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Fills the --attack help from the attack registry, only when help is printed (the registry
+    imports torch; `report` and `compare` must start without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if text and ATTACKS_PLACEHOLDER in text:
+            from robustlab.attacks import registry
+
+            text = text.replace(ATTACKS_PLACEHOLDER, registry.help_text().replace("%", "%%"))
+        return text
+
+
 # ---------------------------------------------------------------------------- value parsers
 def parse_number(text: str) -> float:
     """'0.1', '8/255' -> float."""
@@ -66,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"robustlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    audit = sub.add_parser("audit", help="audit your own model", description=(
+    audit = sub.add_parser("audit", help="audit your own model", formatter_class=_HelpFormatter, description=(
         "Attack a trained classifier with FGSM, PGD and Carlini-Wagner, verify every result, and write "
         "results.json and samples.csv to --out."),
         epilog="Model SPEC: a TorchScript file, a torch.export program (.pt2), or package.module:factory "
@@ -94,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_options(audit)
     _defense_options(audit, default=None)
 
-    demo = sub.add_parser("demo", help="train a small CNN on digits and audit it",
+    demo = sub.add_parser("demo", help="train a small CNN on digits and audit it", formatter_class=_HelpFormatter,
                           description="Train (once, then cached) a small CNN on scikit-learn's digits and audit it "
                                       "with FGSM, PGD and CW at Linf eps 0.05, 0.1, 0.2.")
     demo.add_argument("--out", default="robustlab-demo", metavar="DIR", help="results directory (default ./robustlab-demo)")
@@ -190,8 +206,7 @@ def _defense_options(p: argparse.ArgumentParser, *, default: str | None) -> None
 def _attack_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attacks")
     g.add_argument("--attack", default="fgsm,pgd,cw",
-                   help="comma-separated: fgsm, pgd, cw, apgd-ce, apgd-t, fab-t, square, foolbox:NAME (reported beside "
-                        "the --suite)")
+                   help="comma-separated, reported beside the --suite: " + ATTACKS_PLACEHOLDER + ", or foolbox:NAME")
     _suite_option(g)
     _certify_option(g)
     g.add_argument("--eps", default="0.05,0.1,0.2", help="comma-separated budgets; fractions allowed (8/255)")

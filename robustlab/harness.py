@@ -24,6 +24,7 @@ from torch import nn
 
 from robustlab import targets as targeting
 from robustlab.attacks import SUITES, Attack, AttackOutcome, Cascade, get_attack, restrict
+from robustlab.attacks import registry as attack_registry
 from robustlab.attacks.base import check_eps_fits, transfer, validate_inputs, validate_labels
 from robustlab.batching import BatchRunner
 from robustlab.data import Dataset, load_data
@@ -99,9 +100,10 @@ def audit(
         to models given as plain modules.
     data: "digits" (default), an .npz path, "module:function", (x, y) arrays, a Dataset or
         DataLoader. `n` keeps the first n samples.
-    attacks: names ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "foolbox:<Name>") or
-        configured `Attack` objects; eps is set by the audit. `steps`/`restarts`/`loss` override
-        PGD's (steps also CW's).
+    attacks: registered names (`robustlab.attacks.registry.names()`: "fgsm", "pgd", "cw", "mifgsm",
+        "apgd-ce", "apgd-t", "fab-t", "square"), "foolbox:<Name>", or configured `Attack` objects;
+        eps is set by the audit. `steps`/`restarts`/`loss` reach the attacks whose registration
+        takes them (PGD all three, CW and MI-FGSM steps, FGSM and MI-FGSM loss).
     suite: the attack cascade run beside `attacks` (robustlab.attacks.cascade): "standard" (default:
         APGD-CE, APGD-T, Square-5000, Croce & Hein 2020), "quick" (APGD-CE and APGD-T with fewer
         iterations, for CI), or "none". Its row ("cascade" / "cascade-quick") joins the worst case;
@@ -358,10 +360,10 @@ def _wrap(value, name, options, device: torch.device | None) -> ModelUnderTest:
     return ModelUnderTest(value, name=name, device=device, **options)
 
 
-NORM_FOLLOWS_AUDIT = ("fgsm", "pgd", "apgd-ce", "apgd-t", "fab-t", "square", "cascade")  # CW is L2-minimal; foolbox native
-
-
 def _build_attack(spec: str | Attack, norm: str, *, steps, restarts, loss) -> Attack:
+    """An attack set up for the audit's norm with the audit-wide options it takes, as its registry
+    entry declares (robustlab.attacks.registry: APGD's schedule and APGD-T's DLR loss are part of what
+    makes them strong, so they take none; foolbox attacks keep their native norm)."""
     if isinstance(spec, Attack):
         attack = spec
     elif isinstance(spec, str):
@@ -371,18 +373,10 @@ def _build_attack(spec: str | Attack, norm: str, *, steps, restarts, loss) -> At
             attack = attack.replace(norm=native if native and attack.minimal else norm)
     else:
         raise InputError("attacks", f"expected attack names or Attack objects, got {type(spec).__name__}")
-    changes: dict[str, Any] = {}
-    if attack.name in NORM_FOLLOWS_AUDIT and attack.norm != norm:
-        changes["norm"] = norm
-    # --steps/--restarts/--loss are PGD's options (steps also CW's); APGD's schedule and APGD-T's
-    # DLR loss are part of what makes them strong, so they keep their own.
-    if steps is not None and attack.name in ("pgd", "cw"):
-        changes["steps"] = steps
-    if restarts is not None and attack.name == "pgd":
-        changes["restarts"] = restarts
-    if loss is not None and attack.name in ("fgsm", "pgd"):
-        changes["loss"] = loss
-    return attack.replace(**changes) if changes else attack
+    registered = attack_registry.entry(attack.name)
+    if registered is None:
+        return attack
+    return registered.configure(attack, norm, steps=steps, restarts=restarts, loss=loss)
 
 
 # ---------------------------------------------------------------------------- transfer

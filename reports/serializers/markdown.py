@@ -22,6 +22,12 @@ def md(value: Any) -> str:
     return _SPECIAL.sub(r"\\\1", text)
 
 
+def code(value: Any) -> str:
+    """`value` as a code span inside a table cell: shown verbatim, with `|` escaped for the table."""
+    text = " ".join(str("" if value is None else value).split()).replace("|", "\\|")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
 def _table(headers: list[str], rows: list[list[str]], text: int = 1) -> list[str]:
     """A markdown table; the first `text` columns are left-aligned, the rest (figures) right-aligned."""
     aligns = [":--" if i < text else "--:" for i in range(len(headers))]
@@ -164,6 +170,28 @@ def _integrity(result: AuditResult, lines: list[facts.ThreatModel]) -> list[str]
         out += ["Adaptive attacks: " + "; ".join(f"{md(a.get('attack'))} on {md(a.get('model'))} ({md(a.get('reason'))})"
                                                 for a in runs), ""]
     return out
+
+
+_GATE_RESULT = {"PASS": "✅ pass", "FAIL": "❌ **FAIL**"}
+
+
+def gate_summary(header: list[str], rows: list[list[str]], *, failures: list[tuple[str, list[str]]],
+                 quick: bool = False) -> str:
+    """The pytest plugin's summary.md: its gate table (the cells as the terminal table writes them, the
+    first a test id, the last PASS or FAIL), then each failed test with its failed checks."""
+    failed = sum(1 for r in rows if r[-1] != "PASS")
+    out = ["## Robustness gates", "",
+           f"{len(rows)} gates, {failed} failed" + (" (quick mode)" if quick else "") + ".", ""]
+    out += _table(header, [[code(r[0])] + [md(c) for c in r[1:-1]] + [_GATE_RESULT.get(r[-1], md(r[-1]))]
+                           for r in rows], len(header))
+    if failures:
+        out += ["", "### Failures", ""]
+        out += [f"- {code(test)}: " + "; ".join(md(f) for f in lines) for test, lines in failures]
+    out += ["", "robust: the worst case over every attack, with its 95% Wilson interval over n samples. "
+                "evaluation: established (standard attack suite, every integrity check passed), weaker than "
+                "standard (quick or no suite, or no checks), or not established (a check failed: the gate "
+                "cannot be judged and fails). requirement: the gate's threshold and its outcome."]
+    return "\n".join(out) + "\n"
 
 
 def comparison(comp) -> str:

@@ -221,6 +221,57 @@ def class_names(result: AuditResult, model: str) -> list[str]:
     return [str(n) for n in names]
 
 
+def input_shape(result: AuditResult, model: str) -> tuple[int, ...]:
+    info = (result.metadata.get("models") or {}).get(model) or {}
+    shape = info.get("input_shape") or ((result.metadata.get("data") or {}).get("input_shape")) or []
+    return tuple(int(d) for d in shape)
+
+
+def feature_names(result: AuditResult, model: str) -> list[str]:
+    """Names of a 1-D input's features: the data's (metadata["data"]["features"]), else x[0], x[1], ..."""
+    names = (result.metadata.get("data") or {}).get("features")
+    shape = input_shape(result, model)
+    count = shape[0] if len(shape) == 1 else 0
+    if isinstance(names, list) and names and (not count or len(names) == count):
+        return [str(n) for n in names]
+    return [f"x[{i}]" for i in range(count)]
+
+
+def feature_label(result: AuditResult, model: str, feature: Any, grid: tuple[int, ...] | None = None) -> str:
+    """A SHAP feature as a reader knows it: its name (tabular), or pixel (row, col) of an image; for SHAP
+    grids pooled from a larger image, the cell's pixel range. `grid`: the SHAP map's (rows, cols)."""
+    if isinstance(feature, str) and not feature.lstrip("-").isdigit():
+        try:
+            float(feature)
+        except ValueError:
+            return feature  # already a name
+    try:
+        index = int(float(feature))
+    except (TypeError, ValueError):
+        return str(feature)
+    shape = input_shape(result, model)
+    if len(shape) == 1:
+        names = feature_names(result, model)
+        return names[index] if 0 <= index < len(names) else f"x[{index}]"
+    image = shape[-2:] if len(shape) in (2, 3) else ()
+    if not image:
+        return f"x[{index}]"
+    if grid and len(grid) == 1 and grid[0] != image[0] * image[1]:
+        return f"pixel group {index}"  # a large 2-D input's SHAP summed over flat groups
+    rows, cols = grid if grid and len(grid) == 2 else image
+    if rows * cols == 0 or not 0 <= index < rows * cols:
+        return f"x[{index}]"
+    r, c = divmod(index, cols)
+    if (rows, cols) == tuple(image):
+        return f"pixel ({r}, {c})"
+    factor = next((f for f in range(1, max(image) + 1)
+                   if -(-image[0] // f) == rows and -(-image[1] // f) == cols), None)
+    if factor is None:
+        return f"cell ({r}, {c})"
+    return (f"pixels ({r * factor}–{min(image[0], (r + 1) * factor) - 1}, "
+            f"{c * factor}–{min(image[1], (c + 1) * factor) - 1})")
+
+
 def minimal_rows(result: AuditResult) -> pd.DataFrame:
     """Sample rows of unbounded (minimal-perturbation) runs: eps is NaN."""
     s = result.samples

@@ -78,7 +78,7 @@ def robustness_curves(panels: Sequence[dict]) -> str:
             ax.set_xlim(left=0)
             if index % cols == 0:
                 ax.set_ylabel("accuracy (%)")
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0)).set_gid("legend")
         for index in range(len(panels), rows * cols):
             axes[index // cols][index % cols].set_visible(False)
         return _svg_uri(fig)
@@ -118,7 +118,7 @@ def success_matrices(panels: Sequence[dict], class_names: Sequence[str]) -> str:
                             ax.text(j, i, f"{rate[i, j] * 100:.0f}", ha="center", va="center", fontsize=7.5,
                                     color="white" if rate[i, j] > 0.6 else "black")
         if image is not None:
-            fig.colorbar(image, ax=list(axes), shrink=0.8, label="success (%)")
+            fig.colorbar(image, ax=list(axes), shrink=0.8, label="success (%)").ax.set_gid("colorbar")
         return _svg_uri(fig)
 
 
@@ -129,8 +129,9 @@ def norm_histograms(series: Sequence[dict], *, eps_lines: dict[str, Sequence[flo
     series: [{"label", "l2": array, "linf": array}]; eps_lines: {"l2"|"linf": budgets to mark}.
     """
     with _style():
-        fig = _figure(7.4, 2.6)
+        fig = _figure(7.4, 2.6 + 0.22 * -(-len(series) // 2))
         axes = fig.subplots(1, 2)
+        medians: dict[int, list[str]] = {}
         for ax, key, name in ((axes[0], "l2", "L2"), (axes[1], "linf", "Linf")):
             values = [np.asarray(s[key], dtype=float) for s in series]
             finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
@@ -140,19 +141,25 @@ def norm_histograms(series: Sequence[dict], *, eps_lines: dict[str, Sequence[flo
                 ax.set_axis_off()
                 continue
             bins = np.linspace(0, float(finite.max()) * 1.02 or 1.0, 25)
-            for k, (s, v) in enumerate(zip(series, values)):
+            for k, v in enumerate(values):
                 v = v[np.isfinite(v)]
                 if v.size:
                     ax.hist(v, bins=bins, histtype="stepfilled", alpha=0.35, color=PALETTE[k % len(PALETTE)],
-                            edgecolor=PALETTE[k % len(PALETTE)], lw=1.2,
-                            label=f"{_short(s['label'], 30)} (median {np.median(v):.3g})")
+                            edgecolor=PALETTE[k % len(PALETTE)], lw=1.2)
+                    medians.setdefault(k, []).append(f"{name} {np.median(v):.3g}")
             for e in eps_lines.get(key, ()):
                 ax.axvline(e, color="#555555", ls=":", lw=1)
                 ax.text(e, 1.0, f" eps={e:g}", transform=ax.get_xaxis_transform(), fontsize=7, va="top",
                         rotation=90, color="#555555")
             ax.set_xlabel(f"{name} norm of the smallest adversarial perturbation")
             ax.set_ylabel("samples")
-            ax.legend(loc="upper right")
+        if medians:  # one legend below both panels, never over the bars
+            from matplotlib.patches import Patch
+
+            handles = [Patch(facecolor=PALETTE[k % len(PALETTE)], edgecolor=PALETTE[k % len(PALETTE)], alpha=0.5,
+                             label=f"{_short(series[k]['label'], 30)} (median {', '.join(m)})")
+                       for k, m in sorted(medians.items())]
+            fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2)).set_gid("legend")
         return _svg_uri(fig)
 
 
@@ -184,9 +191,92 @@ def delta_uri(delta: np.ndarray, scale: float) -> str:
 
 
 def _hwc(array: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> (H, W) or (H, W, C); a 1-D vector becomes a one-row strip (PNG needs two dimensions)."""
     if array.ndim == 3:
         return array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
+    if array.ndim == 1:
+        return array[None, :]
     return array
+
+
+# ---------------------------------------------------------------------------- attributions
+def attribution_maps(rows: Sequence[dict], columns: Sequence[str], *, low: float = 0.0, high: float = 1.0) -> str:
+    """Image attribution maps, one row per sample, with a colour bar per row (its scale is shared by the row).
+
+    rows: [{"label": str, "image": input array or None, "maps": [one 2-D map per column]}]. Red is evidence for
+    the explained class, blue against; the scale is symmetric around 0 at the row's largest |value|.
+    """
+    with_input = any(r.get("image") is not None for r in rows)
+    ncols = len(columns) + int(with_input)
+    with _style():
+        fig = _figure(1.15 * ncols + 0.9, 1.12 * len(rows) + 0.35)
+        axes = fig.subplots(len(rows), ncols, squeeze=False)
+        titles = (["input"] if with_input else []) + [_short(c, 22) for c in columns]
+        for r, row in enumerate(rows):
+            panels = list(axes[r])
+            for ax in panels:
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.grid(False)
+            if with_input:
+                ax = panels.pop(0)
+                if row.get("image") is not None:
+                    picture = np.clip(_hwc((np.asarray(row["image"], dtype=float) - low) / max(high - low, 1e-12)), 0, 1)
+                    ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1,
+                              interpolation="nearest")
+                else:
+                    ax.set_axis_off()
+            maps = [np.asarray(m, dtype=float) for m in row["maps"]]
+            scale = max((float(np.nanmax(np.abs(m))) for m in maps if m.size), default=0.0) or 1.0
+            image = None
+            for ax, m in zip(panels, maps):
+                image = ax.imshow(m if m.ndim == 2 else _hwc(m), cmap="RdBu_r", vmin=-scale, vmax=scale,
+                                  interpolation="nearest")
+            axes[r][0].set_ylabel(_short(row.get("label", ""), 18), fontsize=8)
+            if image is not None:
+                bar = fig.colorbar(image, ax=list(axes[r]), shrink=0.9, pad=0.02, aspect=12)
+                bar.ax.set_gid("colorbar")
+                bar.ax.tick_params(labelsize=7)
+        for c, title in enumerate(titles):
+            axes[0][c].set_title(title, fontsize=8)
+        return _svg_uri(fig)
+
+
+def attribution_bars(panels: Sequence[dict], columns: Sequence[str], features: Sequence[str], *,
+                     top: int = 8) -> str:
+    """Per-feature attributions of 1-D (tabular) inputs as grouped horizontal bars, one panel per sample.
+
+    panels: [{"title": str, "values": [one 1-D array per column]}]; each panel shows its `top` features by
+    largest |attribution| in any column, named by `features`, one bar per column (legend below the panels).
+    """
+    names = [str(f) for f in features]
+    k = len(columns)
+    cols = min(len(panels), 2)
+    rows = -(-len(panels) // cols)
+    with _style():
+        height = top * (0.11 * k + 0.12) + 0.55
+        fig = _figure(4.2 * cols + 0.6, height * rows + 0.35)
+        axes = fig.subplots(rows, cols, squeeze=False)
+        for ax, panel in zip(axes.flat, panels):
+            values = np.array([np.asarray(v, dtype=float).reshape(-1) for v in panel["values"]])
+            order = np.argsort(-np.nanmax(np.abs(values), axis=0), kind="stable")[:top]
+            positions = np.arange(len(order))
+            width = 0.8 / k
+            for j in range(k):
+                ax.barh(positions - 0.4 + width * (j + 0.5), values[j, order], height=width,
+                        color=PALETTE[j % len(PALETTE)], label=_short(columns[j], 28))
+            ax.set_yticks(positions, [_short(names[i] if i < len(names) else f"x[{i}]", 26) for i in order],
+                          fontsize=7.5)
+            ax.invert_yaxis()
+            ax.axvline(0, color="#555555", lw=0.8)
+            ax.grid(axis="y", visible=False)
+            ax.set_title(_short(panel.get("title", ""), 40))
+            ax.set_xlabel("attribution (true class)")
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(k, 4)).set_gid("legend")
+        return _svg_uri(fig)
 
 
 # ---------------------------------------------------------------------------- training curves
@@ -217,7 +307,7 @@ def training_curves(panels: Sequence[dict]) -> str:
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_ylabel("validation accuracy (%)")
             ax.set_ylim(0, 100)
-            ax.legend(loc="lower right")
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0)).set_gid("legend")
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
         return _svg_uri(fig)

@@ -71,6 +71,19 @@ def parse_classes(text: str | None) -> list[str] | None:
     return names
 
 
+def parse_features(text: str | None) -> list[str] | None:
+    """--features: names of tabular inputs' features, comma-separated or one per line in a file."""
+    if text is None:
+        return None
+    if os.path.isfile(text):
+        names = [line.strip() for line in Path(text).read_text().splitlines() if line.strip()]
+    else:
+        names = [part.strip() for part in text.split(",")]
+    if not names or any(not n for n in names):
+        raise UsageError(f"--features: empty feature name in {text!r}")
+    return names
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -96,10 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--random-init", action="store_true",
                        help="allow a module:factory without --weights whose parameters are a random initialisation "
                             "(audits an untrained model on purpose)")
-    audit.add_argument("--data", default="digits", metavar="SPEC", help="evaluation data (default: digits)")
+    audit.add_argument("--data", default="digits", metavar="SPEC",
+                       help="evaluation data: digits (default), breast-cancer (tabular), an .npz, or module:function")
     audit.add_argument("--out", required=True, metavar="DIR", help="results directory")
     audit.add_argument("--name", help="model name in results (default: the file's stem)")
     audit.add_argument("--classes", metavar="NAMES|FILE", help="class names, comma-separated or one per line in a file")
+    audit.add_argument("--features", metavar="NAMES|FILE",
+                       help="feature names of 1-D (tabular) inputs, comma-separated or one per line in a file; "
+                            "shown in the report's SHAP, saliency and examples (default: the data's own, e.g. "
+                            "breast-cancer's, else x[0], x[1], ...)")
     audit.add_argument("--bounds", default="0,1", metavar="LO,HI", help="input domain (default 0,1)")
     audit.add_argument("--mean", metavar="M[,M...]", help="normalisation mean, applied inside the model wrapper")
     audit.add_argument("--std", metavar="S[,S...]", help="normalisation std, applied inside the model wrapper")
@@ -321,6 +339,7 @@ def _audit(args: argparse.Namespace) -> int:
     mean = parse_numbers(args.mean) if args.mean else None
     std = parse_numbers(args.std) if args.std else None
     classes = parse_classes(args.classes)
+    features = parse_features(args.features)
     attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
     for option in ("steps", "restarts", "n", "batch_size"):
         value = getattr(args, option)
@@ -343,7 +362,7 @@ def _audit(args: argparse.Namespace) -> int:
     options = dict(attacks=attacks, eps=eps, norm=args.norm, targeted=args.targeted, steps=args.steps,
                    restarts=args.restarts, loss=args.loss, seed=args.seed, n=args.n, device=device,
                    batch_size=args.batch_size, checks=args.checks, explain=args.explain, suite=args.suite,
-                   certify=certify)
+                   certify=certify, features=features)
     defense_plan = _defense_plan(args, eps)
     if defense_plan is not None:
         check_audit(model, data, **options)  # every audit option checked before hours of training

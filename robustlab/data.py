@@ -2,6 +2,9 @@
 
 A data SPEC is one of
 - "digits": scikit-learn's handwritten digits (1x8x8, values scaled to [0, 1]), the held-out split;
+- "breast-cancer": scikit-learn's breast-cancer data (30 tabular features, standardised on the training
+  split and scaled into [0, 1]), the held-out 30%, with sklearn's feature and class names
+  ("breast-cancer:train" for the rest);
 - a path to an .npz with arrays `x` and `y` (loaded without pickle);
 - "pkg.module:function" or "path/to/file.py:function" returning (x, y) arrays/tensors, a
   torch Dataset of (x, y) pairs, or a DataLoader.
@@ -33,6 +36,7 @@ class Dataset:
     source: str
     classes: list[str] | None = None
     indices: torch.Tensor | None = None  # sample ids (position in the source data)
+    features: list[str] | None = None  # names of a 1-D input's features (tabular data), shown in reports
 
     def __post_init__(self) -> None:
         if self.indices is None:
@@ -47,7 +51,24 @@ class Dataset:
         if n < 1:
             raise InputError("n", f"must be a positive number of samples, got {n}")
         indices = self.indices if self.indices is not None else torch.arange(len(self.x))
-        return Dataset(self.x[:n], self.y[:n], self.source, self.classes, indices[:n])
+        return Dataset(self.x[:n], self.y[:n], self.source, self.classes, indices[:n], self.features)
+
+    def with_features(self, names: Any) -> "Dataset":
+        """The same data with feature names (one per feature of 1-D inputs), checked."""
+        if names is None:
+            return self
+        if isinstance(names, str) or not all(isinstance(n, str) and n.strip() for n in names):
+            raise InputError("features", f"expected a list of non-empty names, got {names!r}"[:200])
+        names = [n.strip() for n in names]
+        if self.x.dim() != 2:
+            raise InputError("features", f"feature names are for 1-D (tabular) inputs; these have shape "
+                                         f"{tuple(self.x.shape[1:])}")
+        if len(names) != self.x.shape[1]:
+            raise InputError("features", f"expected {self.x.shape[1]} names (one per feature), got {len(names)}")
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise InputError("features", f"each name may appear once, got {twice!r} twice")
+        return Dataset(self.x, self.y, self.source, self.classes, self.indices, names)
 
     def fingerprint(self) -> str:
         """sha256 of the float32 inputs and int64 labels, in order."""
@@ -58,8 +79,11 @@ class Dataset:
         return h.hexdigest()
 
     def describe(self) -> dict:
-        return {"source": self.source, "n": len(self), "input_shape": list(self.x.shape[1:]),
-                "sha256": self.fingerprint(), "classes_present": sorted(set(self.y.tolist()))}
+        about = {"source": self.source, "n": len(self), "input_shape": list(self.x.shape[1:]),
+                 "sha256": self.fingerprint(), "classes_present": sorted(set(self.y.tolist()))}
+        if self.features:
+            about["features"] = list(self.features)
+        return about
 
 
 def digits_split(split: str = "test") -> Dataset:
@@ -80,6 +104,34 @@ def digits_split(split: str = "test") -> Dataset:
                    classes=[str(i) for i in range(10)], indices=torch.from_numpy(chosen))
 
 
+BREAST_CANCER_SEED = 0
+BREAST_CANCER_TEST_FRACTION = 0.3
+
+
+def breast_cancer_split(split: str = "test") -> Dataset:
+    """scikit-learn's breast-cancer data (30 features), standardised with the training split's mean and std,
+    then scaled by the training split's range into [0, 1] (clipped), so it fits the default bounds; a fixed
+    stratified split (70/30). Carries sklearn's feature names and class names."""
+    from sklearn.datasets import load_breast_cancer  # type: ignore[import-untyped]
+    from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
+
+    if split not in ("train", "test"):
+        raise InputError("split", f"expected 'train' or 'test', got {split!r}")
+    bunch = load_breast_cancer()
+    idx = np.arange(len(bunch.data))
+    train_idx, test_idx = train_test_split(idx, test_size=BREAST_CANCER_TEST_FRACTION, random_state=BREAST_CANCER_SEED,
+                                           stratify=bunch.target)
+    train = bunch.data[train_idx]
+    z_train = (train - train.mean(0)) / train.std(0)
+    z = (bunch.data - train.mean(0)) / train.std(0)
+    low, high = z_train.min(0), z_train.max(0)
+    x = np.clip((z - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    chosen = np.sort(train_idx if split == "train" else test_idx)
+    return Dataset(torch.from_numpy(x[chosen]), torch.from_numpy(bunch.target[chosen].astype(np.int64)),
+                   f"breast-cancer:{split}", classes=[str(c) for c in bunch.target_names],
+                   indices=torch.from_numpy(chosen), features=[str(f) for f in bunch.feature_names])
+
+
 def load_data(spec: Any, *, trust_pickle: bool = False) -> Dataset:
     """Resolve a data SPEC (see module doc) or in-memory data into a `Dataset`."""
     if isinstance(spec, Dataset):
@@ -89,13 +141,16 @@ def load_data(spec: Any, *, trust_pickle: bool = False) -> Dataset:
             return digits_split("test")
         if spec == "digits:train":
             return digits_split("train")
+        if spec in ("breast-cancer", "breast-cancer:test", "breast-cancer:train"):
+            return breast_cancer_split("train" if spec.endswith(":train") else "test")
         if spec.endswith(".npz") or (os.path.exists(spec) and not _looks_like_object_spec(spec)):
             return _load_npz(spec, trust_pickle=trust_pickle)
         if _looks_like_object_spec(spec):
             obj = load_object(spec, argument="data")
             produced = obj() if callable(obj) and not isinstance(obj, torch.utils.data.Dataset) else obj
             return from_object(produced, source=spec)
-        raise InputError("data", f"{spec!r} is neither 'digits', an existing .npz file, nor 'module:function'")
+        raise InputError("data", f"{spec!r} is neither 'digits', 'breast-cancer', an existing .npz file, nor "
+                                 "'module:function'")
     return from_object(spec, source="in-memory")
 
 

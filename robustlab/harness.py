@@ -85,6 +85,7 @@ def audit(
     std: Any = None,
     name: str | None = None,
     classes: Sequence[str] | None = None,
+    features: Sequence[str] | None = None,
     output: str = "auto",
     progress: bool | Progress | None = None,
     checks: str = "default",
@@ -100,6 +101,8 @@ def audit(
         to models given as plain modules.
     data: "digits" (default), an .npz path, "module:function", (x, y) arrays, a Dataset or
         DataLoader. `n` keeps the first n samples.
+    features: names of 1-D (tabular) inputs' features, one per feature (default: the data's own, e.g.
+        "breast-cancer" carries sklearn's); recorded in metadata["data"]["features"] and shown by the report.
     attacks: registered names (`robustlab.attacks.registry.names()`: "fgsm", "pgd", "cw", "mifgsm",
         "apgd-ce", "apgd-t", "fab-t", "square"), "foolbox:<Name>", or configured `Attack` objects;
         eps is set by the audit. `steps`/`restarts`/`loss` reach the attacks whose registration
@@ -138,7 +141,7 @@ def audit(
     plan = _plan(model, data, attacks=attacks, eps=eps, norm=norm, targeted=targeted, steps=steps,
                  restarts=restarts, loss=loss, seed=seed, n=n, device=device, batch_size=batch_size, bounds=bounds,
                  mean=mean, std=std, name=name, classes=classes, output=output, checks=checks, surrogate=surrogate,
-                 explain=explain, suite=suite, certify=certify)
+                 explain=explain, suite=suite, certify=certify, features=features)
     summaries: list[dict] = []
     check_results: list[dict] = []
     adaptive: list[dict] = []
@@ -229,7 +232,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, seed, n, device, batch_size, bounds,
           mean, std, name, classes, output, checks="default", surrogate=None, explain=None,
-          suite=DEFAULT_SUITE, certify=None) -> _Plan:
+          suite=DEFAULT_SUITE, certify=None, features=None) -> _Plan:
     from robustlab.explaining import parse_stages
 
     certifying = parse_certify(certify)
@@ -258,7 +261,7 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
         if isinstance(e, bool) or not isinstance(e, (int, float, np.floating)) or not math.isfinite(e) or e < 0:
             raise InputError("eps", f"must be finite numbers >= 0, got {e!r}")
     eps_list = sorted({float(e) for e in eps_list})
-    dataset = load_data(data).head(n)
+    dataset = load_data(data).head(n).with_features(features)
     wrap_options = dict(bounds=bounds, mean=mean, std=std, classes=classes or dataset.classes, output=output)
     models = _models(model, name, wrap_options, dev)
     built = [_build_attack(a, geometry.name, steps=steps, restarts=restarts, loss=loss) for a in attacks]

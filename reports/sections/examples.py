@@ -168,6 +168,9 @@ def _tabular_table(result, model, mode, clean, ids, names, columns) -> str:
     head = "<th>sample</th>" + "".join(
         f'<th class="grp">{esc(attack)} · {"eps=" + format(eps, "g") if eps is not None else "no budget"}</th>'
         for attack, eps, _ in columns)
+    features = facts.feature_names(result, model)
+    if len(features) != clean.shape[1]:
+        features = [f"x[{j}]" for j in range(clean.shape[1])]
     rows = []
     for i, sample in enumerate(ids):
         first = next((p.loc[sample] for p in preds if sample in p.index), None)
@@ -179,7 +182,7 @@ def _tabular_table(result, model, mode, clean, ids, names, columns) -> str:
             top = np.argsort(-np.abs(delta))[:TOP_FEATURES]
             biggest = float(np.abs(delta).max()) or 1.0
             bars = "".join(
-                f'<div class="mono" style="text-align:left;white-space:nowrap">x[{j}] {clean[i][j]:.3g}→{clean[i][j] + delta[j]:.3g} '
+                f'<div class="mono" style="text-align:left;white-space:nowrap">{esc(features[j])} {clean[i][j]:.3g}→{clean[i][j] + delta[j]:.3g} '
                 f'<span class="bar {"pos" if delta[j] > 0 else "neg"}" style="width:{40 * abs(delta[j]) / biggest:.0f}px"></span></div>'
                 for j in top if delta[j] != 0)
             cells.append(f'<td class="start">{_pred_line(row, names, label, mode)}{bars or "<span class=muted>unchanged</span>"}</td>')

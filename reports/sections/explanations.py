@@ -19,6 +19,7 @@ from ..serializers.html import cell, esc, table
 ID = "explanations"
 TITLE = "What the attacks changed: explanations"
 MAX_MAPS = 6
+MAX_BARS = 4  # tabular samples drawn as bar charts (each one panel)
 
 
 def applies(result: AuditResult) -> bool:
@@ -82,41 +83,52 @@ def _short_flag(flag: str) -> str:
 
 
 def _maps(result: AuditResult, kind: str, caption: str) -> str:
+    """Per model, the first samples' maps (clean and each adversarial set), folded away in a <details>:
+    images as maps with a colour bar per row, 1-D (tabular) inputs as bars per named feature."""
     out = []
     for model in facts.models(result):
         prefix = f"explain|{kind}|{model}|"
         keys = [k[len(prefix):] for k in result.examples if k.startswith(prefix)]
         if "clean" not in keys:
             continue
-        clean_maps = _as_maps(result.examples[prefix + "clean"])
-        images = result.examples.get(f"clean|{model}")
-        others = [k for k in keys if k != "clean"]
-        columns = ["clean"] + others
-        count = min(MAX_MAPS, len(clean_maps))
-        head = "<th>input</th>" + "".join(f"<th>{esc(_key_label(k))}</th>" for k in columns)
-        rows = []
-        bounds = _bounds(result, model)
-        for i in range(count):
-            cells = []
-            if images is not None and i < len(images) and _is_image(images[i]):
-                cells.append(f'<td><img src="{figures.image_uri(images[i], *bounds)}" alt="input {i}"></td>')
-            else:
-                cells.append("<td>–</td>")
-            maps = [_as_maps(result.examples[prefix + k])[i] for k in columns]
-            scale = max(float(np.max(np.abs(m))) for m in maps) or 1.0
-            for k, m in zip(columns, maps):
-                cells.append(f'<td><img src="{figures.delta_uri(m, scale)}" alt="{esc(kind)} map {i} {esc(k)}"></td>')
-            rows.append("<tr>" + "".join(cells) + "</tr>")
-        if rows:
-            out.append(f"<h4>{esc(caption)}: {esc(model)}</h4>"
-                       f'<div class="scroll"><table class="examples"><thead><tr>{head}</tr></thead>'
-                       f'<tbody>{"".join(rows)}</tbody></table></div>'
-                       '<p class="note">Red: evidence for the true class, blue: against; one colour scale per row.</p>')
+        columns = ["clean"] + [k for k in keys if k != "clean"]
+        stacks = [_as_maps(result.examples[prefix + k]) for k in columns]
+        count = min(MAX_MAPS, *(len(m) for m in stacks))
+        if count == 0:
+            continue
+        ids = result.examples.get(f"sample|{model}")
+        labels = [f"#{int(ids[i])}" if ids is not None and i < len(ids) else f"sample {i + 1}" for i in range(count)]
+        titles = [_key_label(k) for k in columns]
+        if stacks[0].ndim == 2:  # (n, features): tabular
+            figure = figures.attribution_bars(
+                [{"title": labels[i], "values": [m[i] for m in stacks]} for i in range(min(count, MAX_BARS))],
+                titles, _feature_names(result, model, stacks[0].shape[1]))
+            note = ("Bars: the features with the largest attribution in any column, per sample; right of 0: evidence "
+                    "for the true class, left: against.")
+        elif stacks[0].ndim == 3:
+            images = result.examples.get(f"clean|{model}")
+            low, high = _bounds(result, model)
+            figure = figures.attribution_maps(
+                [{"label": labels[i], "maps": [m[i] for m in stacks],
+                  "image": images[i] if images is not None and i < len(images) and _is_image(images[i]) else None}
+                 for i in range(count)], titles, low=low, high=high)
+            note = "Red: evidence for the true class, blue: against; one colour scale per row (its bar on the right)."
+        else:
+            continue
+        out.append(f'<details class="maps"><summary>{esc(caption)}: {esc(model)} ({count} samples)</summary>'
+                   f'<figure class="attribution"><img src="{figure}" alt="{esc(kind)} maps for {esc(model)}">'
+                   f"<figcaption>{esc(note)}</figcaption></figure></details>")
     return "".join(out)
 
 
+def _feature_names(result: AuditResult, model: str, count: int) -> list[str]:
+    names = facts.feature_names(result, model)
+    return names if len(names) == count else [f"x[{i}]" for i in range(count)]
+
+
 def _as_maps(array: np.ndarray) -> np.ndarray:
-    """(n, C, H, W) -> (n, H, W) summed over channels; (n, k, C, H, W) SHAP -> its first class."""
+    """(n, C, H, W) -> (n, H, W) summed over channels; (n, k, C, H, W) SHAP -> its first class; (n, d) stays:
+    1-D (tabular) maps, drawn as bars."""
     a = np.asarray(array, dtype=float)
     if a.ndim == 5:
         a = a[:, 0]
@@ -174,7 +186,9 @@ def _shap(result: AuditResult, info: dict) -> str:
     rows = []
     for (model, key), block in shift.groupby(["model", "key"], sort=False):
         top = block.sort_values("rank").head(5)
-        features = ", ".join(f"{_feature(f)} ({_num(c, '+.2g')})" for f, c in zip(top["feature"], top["mean_change"]))
+        grid = _shap_grid(result, model)
+        features = ", ".join(f"{esc(facts.feature_label(result, model, f, grid))} ({_num(c, '+.2g')})"
+                             for f, c in zip(top["feature"], top["mean_change"]))
         rho = None
         if samples is not None and not samples.empty:
             s = samples[(samples["model"] == model) & (samples["key"] == key)]
@@ -186,10 +200,10 @@ def _shap(result: AuditResult, info: dict) -> str:
     return html + _maps(result, "shap", "SHAP values of the true class")
 
 
-def _feature(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return esc(value)
+def _shap_grid(result: AuditResult, model: str) -> tuple[int, ...] | None:
+    """The (rows, cols) of the model's SHAP maps (pooled from the image when it is large), if saved."""
+    maps = result.examples.get(f"explain|shap|{model}|clean")
+    return tuple(int(d) for d in np.asarray(maps).shape[1:]) if maps is not None else None
 
 
 # ---------------------------------------------------------------------------- probes

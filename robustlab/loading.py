@@ -4,9 +4,11 @@ Model SPECs:
 - a TorchScript file (torch.jit.save), any extension;
 - a torch.export program (.pt2, torch.export.save);
 - "pkg.module:factory" or "path/to/file.py:factory" returning an nn.Module, with optional
-  `weights`: a .safetensors file, or a state-dict file read with torch.load(weights_only=True).
+  `weights`: a .safetensors file, or a state-dict file read with torch.load(weights_only=True);
+- an ONNX file (.onnx): white-box through onnx2torch when the graph converts, else black-box through
+  onnxruntime (robustlab.onnx_model; the extra robustlab[onnx]). Parsing it runs no code.
 Nothing that needs arbitrary unpickling is loaded (a pickled nn.Module, a weights file holding
-Python objects) unless `trust_pickle=True` (CLI: --trust-pickle). ONNX is not supported yet.
+Python objects) unless `trust_pickle=True` (CLI: --trust-pickle).
 
 torch.export programs: `torch.export.load` unpickles parts of a .pt2 archive with
 `weights_only=False` or `pickle.loads` (tensor-subclass weights and constants, Python "opaque"
@@ -71,7 +73,8 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
         if random_init:
             raise InputError("random_init", "goes with a 'module:factory' model spec without weights; a model file "
                                             "already holds its weights")
-        module, source, notes = _load_file(spec, trust_pickle=trust_pickle, device=device)
+        module, source, notes = _load_file(spec, trust_pickle=trust_pickle, device=device,
+                                           bounds=wrapper_options.get("bounds"))
         digest = file_sha256(spec)
         default_name = Path(spec).stem
     else:
@@ -98,15 +101,17 @@ def _is_file_spec(spec: str) -> bool:
     raise InputError("model", f"file not found: {spec} (expected a model file, or 'package.module:factory')")
 
 
-def _load_file(path: str, *, trust_pickle: bool, device: torch.device) -> tuple[nn.Module, str, list[str]]:
+def _load_file(path: str, *, trust_pickle: bool, device: torch.device,
+               bounds: Any = None) -> tuple[nn.Module, str, list[str]]:
     if not os.path.isfile(path):
         raise InputError("model", f"{path} is not a file")
     if not os.access(path, os.R_OK):
         raise InputError("model", f"{path} is not readable (permission denied)")
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
-        raise InputError("model", "ONNX models are not supported yet; export the PyTorch model with "
-                                  "torch.jit.save or torch.export.save, or convert the ONNX file with onnx2torch")
+        from robustlab.onnx_model import load_onnx
+
+        return load_onnx(path, bounds=bounds)
     if suffix == ".pt2":
         return _load_exported(path, trust_pickle=trust_pickle)
     if not zipfile.is_zipfile(path):

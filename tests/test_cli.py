@@ -229,7 +229,7 @@ def test_trusted_pickle_is_loaded_when_asked(tmp_path):
 def test_console_script_help_and_version():
     exe = os.path.join(os.path.dirname(sys.executable), "robustlab")
     done = subprocess.run([exe, "audit", "--help"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "--fail-under" in done.stdout and "ONNX is not supported yet" in done.stdout
+    assert done.returncode == 0 and "--fail-under" in done.stdout and "robustlab[onnx]" in done.stdout
     done = subprocess.run([exe, "audit", "--model"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
 

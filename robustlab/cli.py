@@ -98,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="audit your own model", formatter_class=_HelpFormatter, description=(
         "Attack a trained classifier with FGSM, PGD and Carlini-Wagner, verify every result, and write "
         "results.json and samples.csv to --out."),
-        epilog="Model SPEC: a TorchScript file, a torch.export program (.pt2), or package.module:factory "
+        epilog="Model SPEC: a TorchScript file, a torch.export program (.pt2), an ONNX file (.onnx: white-box "
+               "through onnx2torch when the graph converts, else black-box through onnxruntime, where only "
+               "Square runs; pip install 'robustlab[onnx]'), or package.module:factory "
                "(or file.py:factory) with --weights (.safetensors, or a state_dict file read with "
-               "weights_only=True). ONNX is not supported yet. Data SPEC: 'digits', an .npz with arrays x "
+               "weights_only=True). Data SPEC: 'digits', an .npz with arrays x "
                "and y, or package.module:function returning arrays, a Dataset or a DataLoader.")
     audit.add_argument("--model", required=True, metavar="SPEC", help="model to audit (see below)")
     audit.add_argument("--weights", metavar="FILE", help="weights for a module:factory model")

@@ -41,6 +41,8 @@ DEFAULT_ATTACKS = ("fgsm", "pgd", "cw")
 DEFAULT_SUITE = "standard"  # the cascade that runs beside the attacks (robustlab.attacks.cascade)
 DEFAULT_EPS = (0.05, 0.1, 0.2)
 TRANSFER_NOTE = "transfer from surrogate"
+BLACK_BOX_REASON = "black-box model: white-box attacks and the standard suite did not run"
+BLACK_BOX_SKIP = "the model is black-box (no gradient): only gradient-free attacks and transfer ran"
 
 Progress = Callable[[str], None]
 
@@ -180,6 +182,7 @@ def audit(
                               "seconds": round(check_seconds, 3)}
     attacked_rows = summary[~summary["attack"].map(is_certified)] if len(summary) else summary
     metadata["evaluation"] = evaluate_verdicts(attacked_rows, check_results, level=plan.checks, norm=plan.norm)
+    _mark_black_box(metadata["evaluation"], plan)
     metadata["definitions"]["evaluation"] = (
         "per (model, norm, eps, targeted): the worst-case robust accuracy with its 95% Wilson interval over n, and "
         "a status: 'established' (the standard suite ran and every applicable check passed), 'weaker than "
@@ -289,7 +292,7 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
     for mut in models.values():
         if needs_transfer(mut):
             _surrogate(mut).inspect(validate_inputs(mut, dataset.x))
-        if surrogate is not None and checks == "strict":
+        if surrogate is not None and (checks == "strict" or black_box(mut)):
             _user_surrogate(mut, surrogate).inspect(validate_inputs(mut, dataset.x))
     shapes = {mut.inspection.num_classes for mut in models.values()}
     if len(shapes) > 1:
@@ -388,6 +391,76 @@ def needs_transfer(mut: ModelUnderTest) -> bool:
     return bool(getattr(mut.module, "requires_transfer", False))
 
 
+def black_box(mut: ModelUnderTest) -> bool:
+    """True for models with no gradient at all (an ONNX graph run by onnxruntime): only gradient-free
+    attacks run on them, plus transfer from the audit's surrogate when one is given."""
+    return bool(getattr(mut.module, "black_box", False))
+
+
+def _model_attacks(mut: ModelUnderTest, plan: "_Plan", say: Progress) -> list[tuple[Attack, Extra | None]]:
+    """The attacks run on one model: the plan's, or for a black-box model its gradient-free ones (Square
+    at AutoAttack's settings when none is asked for) and the others as transfer from the surrogate."""
+    if not black_box(mut):
+        return [(a, None) for a in plan.attacks]
+    from robustlab.attacks import Square
+    from robustlab.attacks.square import PUBLISHED
+
+    free = [a for a in plan.attacks if isinstance(a, Square)] or [
+        Square(norm=plan.norm, loss="margin", queries=int(PUBLISHED["queries"]), p_init=float(PUBLISHED["p_init"]),
+               rescale=bool(PUBLISHED["rescale"]))]
+    chosen: list[tuple[Attack, Extra | None]] = [(a, None) for a in free]
+    others = [a for a in plan.attacks if not isinstance(a, (Square, Cascade))]
+    if plan.surrogate is not None:
+        source = _user_surrogate(mut, plan.surrogate)
+        chosen += [(a, Extra(label=a.label, attack=a, reason=TRANSFER_NOTE, source=source, transfer=True))
+                   for a in others]
+        others = []
+    skipped = [a.label for a in others] + [a.label for a in plan.attacks if isinstance(a, Cascade)]
+    say(f"{mut.name}: black-box ({getattr(mut.module, 'reason', '') or 'no gradient'}): running "
+        f"{', '.join(a.label for a, _ in chosen)}" + (f"; not run: {', '.join(skipped)}" if skipped else ""))
+    return chosen
+
+
+def _black_box_checks(mut: ModelUnderTest, plan: "_Plan", x, y, ids, clean_correct, logits, states,
+                      say: Progress) -> dict:
+    """The integrity checks that need no gradient (logits, determinism, eps-monotonic); the others are
+    recorded as skipped with the reason."""
+    from robustlab.integrity import comparisons, model_checks
+    from robustlab.integrity.base import CheckResult
+
+    started = time.perf_counter()
+    ctx = ModelContext(mut=mut, source=mut, via_transfer=False, x=x, y=y, ids=ids, clean_correct=clean_correct,
+                       norm=plan.norm, eps=list(plan.eps), seed=plan.seed, batch_size=plan.batch_size,
+                       level=plan.checks, attacks=list(plan.attacks))
+    say(f"{mut.name}: integrity checks ({plan.checks}, black-box: those without gradients)")
+    results = [model_checks.logits(ctx, logits), model_checks.determinism(ctx)]
+    for mode, state in states.items():
+        labels = list(dict.fromkeys(label for (label, _) in state.evidence.robust))
+        results.append(comparisons.eps_monotonic(ctx, state.evidence, labels))
+    for check in ("gradients", "unbounded", "iterative-vs-single-step", "margin-vs-ce", "convergence", "black-box"):
+        results.append(CheckResult(model=mut.name, check=check, status="skipped", reason=BLACK_BOX_SKIP))
+    for r in results:
+        r.norm = r.norm if r.norm is not None or r.check in ("gradients", "logits", "determinism", "unbounded") \
+            else plan.norm
+    return {"results": [r.to_dict() for r in results], "adaptive": [], "seconds": time.perf_counter() - started}
+
+
+def _mark_black_box(evaluations: list[dict], plan: "_Plan") -> None:
+    """A black-box model's evaluation is weaker than standard, whatever its checks, and says why."""
+    from robustlab.verdicts import ESTABLISHED, STATUS_TEXT, SUITE_REASONS, WEAKER
+
+    names = {name for name, mut in plan.models.items() if black_box(mut)}
+    for record in evaluations:
+        if record.get("model") not in names:
+            continue
+        record["reductions"] = [BLACK_BOX_REASON] + [r for r in record.get("reductions", [])
+                                                     if r != SUITE_REASONS["none"]]
+        if record.get("status") == ESTABLISHED:
+            record["status"] = WEAKER
+        record["reasons"] = list(record.get("failed_checks", [])) + record["reductions"]
+        record["meaning"] = STATUS_TEXT[record["status"]]
+
+
 def _surrogate(mut: ModelUnderTest) -> ModelUnderTest:
     """The wrapped surrogate of a transfer-only model (same bounds, normalisation and device); cached."""
     cached = getattr(mut, "_transfer_surrogate", None)
@@ -458,6 +531,7 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress,
     shown = _example_positions(clean_correct, x)
     examples: dict[str, np.ndarray] = {f"sample|{mut.name}": ids[shown].numpy(), f"clean|{mut.name}": x[shown].numpy()}
     states: dict[str, _ModeState] = {}
+    attacks = _model_attacks(mut, plan, say)
     explain_attack = _explained_attack(plan) if plan.explain else None
     explain_mode = "none" if "none" in plan.modes else plan.modes[0]  # untargeted, else the first mode's first target
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # "attack|eps" -> adversarial inputs to explain
@@ -512,13 +586,14 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress,
         masks = torch.stack([clean_correct if s is None else (clean_correct & s.valid) for s in (target_sets or [None])])
         state = _ModeState(target_sets, ModeEvidence(mode=mode, target_sets=target_sets, masks=masks))
         states[mode] = state
-        for attack in plan.attacks:
-            run(attack, mode, state)
+        for attack, transferred in attacks:
+            run(attack, mode, state, transferred)
     if "none" in states:  # a targeted success is a misclassification: it breaks the untargeted threat model too
         states["none"].evidence.also = [s.evidence for m, s in states.items() if m != "none"]
     integrity: dict = {}
     if plan.checks != "none":
-        integrity = _run_checks(mut, plan, x, y, ids, clean_correct, logits, states, run, found, say)
+        integrity = (_black_box_checks(mut, plan, x, y, ids, clean_correct, logits, states, say) if black_box(mut)
+                     else _run_checks(mut, plan, x, y, ids, clean_correct, logits, states, run, found, say))
     explanation = None
     if plan.explain:
         from robustlab.explaining import explain_model
@@ -527,7 +602,7 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress,
         explanation = explain_model(mut, x[attacked], y[attacked], ids[attacked],
                                     {k: v for k, v in kept.items() if len(v[0]) == len(attacked)}, plan.explain,
                                     background=x, seed=plan.seed, batch_size=plan.batch_size,
-                                    differentiable=not via_surrogate, say=say)
+                                    differentiable=not via_surrogate and not black_box(mut), say=say)
     certificates: dict[float, Any] = {}
     if plan.certify is not None:
         certificates, certified[mut.name] = _certify_one(mut, plan, x, y, ids, "none" in states, say)
@@ -565,6 +640,10 @@ def _certify_one(mut: ModelUnderTest, plan: _Plan, x, y, ids, untargeted: bool,
     assert plan.certify is not None
     method, sigma = plan.certify
     info: dict[str, Any] = {"method": method, **({"sigma": sigma} if sigma is not None else {})}
+    if black_box(mut):
+        info.update(status="skipped", reason="the model is black-box (run by onnxruntime): no layers to bound")
+        say(f"{mut.name}: certify {method} skipped: {info['reason']}")
+        return {}, info
     if not untargeted:
         info.update(status="skipped", reason="certificates are for the untargeted threat model, which this audit "
                                              "does not run (targeted=none)")
@@ -1035,8 +1114,11 @@ def _metadata(plan: _Plan, started, finished, seconds, batch_sizes, config) -> d
     transferred = {name: f"{TRANSFER_NOTE}: adversarial examples generated on {name}'s surrogate, evaluated "
                       f"(verified) on {name}; no gradient of {name} is computed"
                 for name, mut in plan.models.items() if needs_transfer(mut)}
+    opaque = {name: f"{BLACK_BOX_REASON} ({getattr(mut.module, 'reason', '')})"
+              for name, mut in plan.models.items() if black_box(mut)}
     return {
         **({"transfer": transferred} if transferred else {}),
+        **({"black_box": opaque} if opaque else {}),
         "robustlab_version": robustlab.__version__,
         "torch_version": torch.__version__,
         "numpy_version": np.__version__,

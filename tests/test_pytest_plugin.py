@@ -527,3 +527,86 @@ def test_junit_xml_carries_each_gates_figures(project):
     failing = cases["test_large_eps"]
     assert failing["robustlab.gate.0.outcome"] == "does not meet"
     assert float(failing["robustlab.gate.0.measured"]) < 0.9
+
+
+# ---------------------------------------------------------------------------- terminal reporter (issue 12)
+RECORDING_CONFTEST = """
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    lines, write_line = [], reporter.write_line
+
+    def recording(line, **markup):
+        lines.append(str(line))
+        write_line(line, **markup)
+
+    reporter.write_line = recording
+    config._recorded_lines = lines
+
+
+def pytest_unconfigure(config):
+    import json
+    with open("reported.json", "w") as handle:
+        json.dump(config._recorded_lines, handle)
+"""
+
+
+def test_summary_goes_through_the_terminal_reporter(project, assets):
+    """The gates table and the written paths reach the terminal through pytest's terminal reporter (so
+    -q, output capture and plugins that reroute the reporter apply), never through print."""
+    project.makeconftest(CONFTEST.format(**assets) + RECORDING_CONFTEST)
+    project.makepyfile(test_gate=PASSING)
+    run = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-quick", "--robustlab-json", "g.json")
+    run.assert_outcomes(passed=1)
+    reported = json.loads((project.path / "reported.json").read_text())
+    ours = [line for line in run.stdout.lines if "test_small_eps_is_robust" in line or line.startswith(
+        ("test  ", "1 gates", "robustlab: wrote"))]
+    assert len(ours) == 4, run.stdout.lines  # header, one gate, the count, one written file
+    assert all(line in reported for line in ours), (ours, reported)
+
+
+def test_summary_markdown_keeps_table_cells_intact():
+    """summary.md comes from the reports' markdown serializer: a `|` in a test id or a model name
+    cannot split a table row, and markdown in names is shown, not interpreted."""
+    from robustlab.plugin.session import Session
+    from robustlab.plugin.settings import Settings
+    from robustlab.plugin.tables import HEADER, markdown_summary
+
+    state = Session(Settings(quick=True))
+    state.gates.append({"test": "t.py::test_x[a|b]", "order": 0, "model": "my_net|v2", "attack": "worst-case",
+                        "norm": "linf", "eps": 0.1, "targeted": "none", "n": 10, "clean_accuracy": 0.9,
+                        "robust_accuracy": 0.4, "interval": [0.2, 0.6], "evaluation": "established",
+                        "required": 0.5, "required_clean": None, "outcome": "does not meet", "baseline": None,
+                        "passed": False, "checks": [], "failures": ["FAIL robust_accuracy 0.4 < 0.5"],
+                        "results_dir": None, "certified_accuracy": None, "basis": None})
+    lines = markdown_summary(state).splitlines()
+    assert "1 gates, 1 failed (quick mode)." in lines
+    [row] = [line for line in lines if line.startswith("| `t.py")]
+    assert row.startswith("| `t.py::test_x[a\\|b]` | my\\_net\\|v2 | worst-case | linf 0.1 | 0.900 |")
+    assert row.endswith("| ❌ **FAIL** |")
+    cells = [c for c in row.replace("\\|", "").split("|")[1:-1]]
+    assert len(cells) == len(HEADER)
+    assert "- `t.py::test_x[a\\|b]`: FAIL robust\\_accuracy 0.4 &lt; 0.5" in lines
+
+
+# ---------------------------------------------------------------------------- quick mode (issue 15)
+def test_quick_caps_come_from_the_attack_registry():
+    """--robustlab-quick caps each attack at the quick budget its registration declares (QUICK only
+    repeats PGD's and CW's for the help text, and must agree); a smaller value from the marker is kept."""
+    from robustlab.attacks import registry
+    from robustlab.plugin.quick import apply_quick
+
+    assert (QUICK["pgd_steps"], QUICK["cw_steps"], QUICK["cw_binary_search_steps"]) == (
+        registry.entry("pgd").quick["steps"], registry.entry("cw").quick["steps"],
+        registry.entry("cw").quick["binary_search_steps"])
+    names = ["pgd", "cw", "mifgsm", "fgsm"]
+    for steps, expected in ((None, {"pgd": 10, "cw": 20, "mifgsm": 10}), (500, {"pgd": 10, "cw": 20, "mifgsm": 10}),
+                            (5, {"pgd": 5, "cw": 5, "mifgsm": 5})):
+        kwargs = apply_quick({"attacks": names, "suite": "standard", "n": 500, "steps": steps, "restarts": None},
+                             names, n=500, steps=steps, restarts=None)
+        assert (kwargs["n"], kwargs["suite"], kwargs["steps"], kwargs["restarts"]) == (QUICK["n"], "quick", None, None)
+        built = {getattr(a, "name", a): a for a in kwargs["attacks"]}
+        assert {name: built[name].steps for name in expected} == expected, steps
+        assert built["cw"].binary_search_steps == QUICK["cw_binary_search_steps"]
+        assert built["fgsm"] == "fgsm"  # no quick budget: left to the audit

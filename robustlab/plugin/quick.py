@@ -1,40 +1,33 @@
 """--robustlab-quick: fewer samples, the quick suite and fewer attack steps, for pull requests.
 
-The caps are keyed on the attack's name in one table (QUICK_CAPS), so a new attack with a costly
-budget gets its cap in one place. A smaller value from the marker or the call is kept.
+The attack caps are the quick budgets the attacks declare where they are registered
+(robustlab.attacks.registry: `register_attack(..., quick={"steps": 10})`), so a new attack gets its
+cap in its registration, not here. QUICK repeats PGD's and CW's figures for the option's help and
+session.json, which must not import torch; a test keeps them equal to the registry's.
+A smaller value from the marker or the call is kept.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 QUICK = {"n": 64, "pgd_steps": 10, "cw_steps": 20, "cw_binary_search_steps": 3}
 
 
-def _cap_pgd(attack: Any, steps: int | None, restarts: int | None) -> Any:
-    return attack.replace(steps=min(steps or attack.steps, QUICK["pgd_steps"]),
-                          **({"restarts": restarts} if restarts else {}))
-
-
-def _cap_cw(attack: Any, steps: int | None, restarts: int | None) -> Any:
-    return attack.replace(steps=min(steps or attack.steps, QUICK["cw_steps"]),
-                          binary_search_steps=min(attack.binary_search_steps, QUICK["cw_binary_search_steps"]))
-
-
-# attack name -> how a built attack of that name is capped: (attack, steps, restarts) -> attack
-QUICK_CAPS: dict[str, Callable[[Any, int | None, int | None], Any]] = {"pgd": _cap_pgd, "cw": _cap_cw}
-
-
 def quick_attack(spec: Any, *, steps: int | None, restarts: int | None) -> Any:
-    """`spec` (a name or a configured Attack) under the quick caps; attacks without a cap unchanged."""
-    from robustlab.attacks import Attack, get_attack
+    """`spec` (a name or a configured Attack) with the marker's steps/restarts, where the attack takes
+    them, then capped at its registered quick budget; attacks without a budget are left as they are."""
+    from robustlab.attacks import Attack, get_attack, registry
 
     name = spec.strip().lower() if isinstance(spec, str) else getattr(spec, "name", None)
-    cap = QUICK_CAPS.get(name) if isinstance(name, str) else None
-    if cap is None:
+    found = registry.entry(name) if isinstance(name, str) else None
+    if found is None or not found.quick:
         return spec
     built = get_attack(spec) if isinstance(spec, str) else spec
-    return cap(built, steps, restarts) if isinstance(built, Attack) else spec
+    if not isinstance(built, Attack):
+        return spec
+    given = {k: v for k, v in (("steps", steps), ("restarts", restarts)) if v and k in found.audit_options}
+    return found.quick_budget(built.replace(**given) if given else built)
 
 
 def apply_quick(kwargs: dict, attacks: list, *, n: int | None, steps: int | None, restarts: int | None) -> dict:

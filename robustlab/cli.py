@@ -84,6 +84,24 @@ def parse_features(text: str | None) -> list[str] | None:
     return names
 
 
+def parse_image_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """--image-size H[,W], checked before any work; only with an image folder as --data."""
+    text = getattr(args, "image_size", None)
+    if text is None:
+        return None
+    from robustlab.errors import InputError
+    from robustlab.image_folder import parse_image_size as parse
+
+    try:
+        size = parse(text)
+    except InputError as error:
+        raise UsageError(f"--image-size: {error.problem}") from None
+    if not os.path.isdir(args.data):
+        raise UsageError(f"--image-size: resizes the images of an image folder (--data DIR/); {args.data!r} is not "
+                         "a folder")
+    return size
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -103,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                "Square runs; pip install 'robustlab[onnx]'), or package.module:factory "
                "(or file.py:factory) with --weights (.safetensors, or a state_dict file read with "
                "weights_only=True). Data SPEC: 'digits', an .npz with arrays x "
-               "and y, or package.module:function returning arrays, a Dataset or a DataLoader.")
+               "and y, an image folder DIR/ with one subfolder per class (PNG/JPEG; class names from the folder "
+               "names, sorted, unless --classes; 1 channel when every image is grayscale, else RGB; --n reads "
+               "only the first N images, taken in turn from each class), or package.module:function returning arrays, a Dataset or a DataLoader.")
     audit.add_argument("--model", required=True, metavar="SPEC", help="model to audit (see below)")
     audit.add_argument("--weights", metavar="FILE", help="weights for a module:factory model")
     audit.add_argument("--trust-pickle", action="store_true",
@@ -113,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(audits an untrained model on purpose)")
     audit.add_argument("--data", default="digits", metavar="SPEC",
                        help="evaluation data: digits (default), breast-cancer (tabular), an .npz, or module:function")
+    audit.add_argument("--image-size", metavar="H[,W]",
+                       help="resize an image folder's images to H x W (H alone: square); without it they must all "
+                            "have one size")
     audit.add_argument("--out", required=True, metavar="DIR", help="results directory")
     audit.add_argument("--name", help="model name in results (default: the file's stem)")
     audit.add_argument("--classes", metavar="NAMES|FILE", help="class names, comma-separated or one per line in a file")
@@ -341,6 +364,7 @@ def _audit(args: argparse.Namespace) -> int:
     mean = parse_numbers(args.mean) if args.mean else None
     std = parse_numbers(args.std) if args.std else None
     classes = parse_classes(args.classes)
+    image_size = parse_image_size(args)
     features = parse_features(args.features)
     attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
     for option in ("steps", "restarts", "n", "batch_size"):
@@ -360,7 +384,9 @@ def _audit(args: argparse.Namespace) -> int:
                        classes=classes, output=args.output, amp=args.amp)
     from robustlab.data import load_data
 
-    data = load_data(args.data, trust_pickle=args.trust_pickle)
+    data = load_data(args.data, trust_pickle=args.trust_pickle, n=args.n, image_size=image_size)  # reads n only
+    if classes is None and os.path.isdir(args.data) and data.classes:
+        model.classes = list(data.classes)  # an image folder's class names: its subfolders' (checked at inspection)
     options = dict(attacks=attacks, eps=eps, norm=args.norm, targeted=args.targeted, steps=args.steps,
                    restarts=args.restarts, loss=args.loss, seed=args.seed, n=args.n, device=device,
                    batch_size=args.batch_size, checks=args.checks, explain=args.explain, suite=args.suite,
@@ -433,7 +459,9 @@ def _defense_plan(args: argparse.Namespace, eps: list[float]) -> _DefensePlan | 
     from robustlab.errors import InputError
 
     try:
-        train = load_data(args.train_data, trust_pickle=getattr(args, "trust_pickle", False))
+        size = getattr(args, "image_size", None)
+        train = load_data(args.train_data, trust_pickle=getattr(args, "trust_pickle", False),
+                          image_size=parse_image_size(args) if size and os.path.isdir(args.train_data) else None)
     except InputError as error:
         raise InputError("train-data", error.problem) from None
     return _DefensePlan(names=names, recipe=recipe, train_data=train)

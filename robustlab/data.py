@@ -6,8 +6,14 @@ A data SPEC is one of
   split and scaled into [0, 1]), the held-out 30%, with sklearn's feature and class names
   ("breast-cancer:train" for the rest);
 - a path to an .npz with arrays `x` and `y` (loaded without pickle);
+- a folder of images, one subfolder per class (robustlab.image_folder: PNG/JPEG through Pillow,
+  class names from the folder names, `image_size` to resize);
 - "pkg.module:function" or "path/to/file.py:function" returning (x, y) arrays/tensors, a
   torch Dataset of (x, y) pairs, or a DataLoader.
+
+`n` keeps the first n samples and is applied while reading: a Dataset's items beyond n are never
+fetched, a DataLoader stops after the batch that completes n, an image folder opens only n files
+(spread over the classes, see robustlab.image_folder), an .npz reads only n rows of each array.
 """
 
 from __future__ import annotations
@@ -132,26 +138,48 @@ def breast_cancer_split(split: str = "test") -> Dataset:
                    indices=torch.from_numpy(chosen), features=[str(f) for f in bunch.feature_names])
 
 
-def load_data(spec: Any, *, trust_pickle: bool = False) -> Dataset:
-    """Resolve a data SPEC (see module doc) or in-memory data into a `Dataset`."""
+def load_data(spec: Any, *, trust_pickle: bool = False, n: int | None = None,
+              image_size: Any = None) -> Dataset:
+    """Resolve a data SPEC (see module doc) or in-memory data into a `Dataset`.
+
+    n: keep the first n samples, read no more than those (see the module doc).
+    image_size: H, (H, W) or "H,W": resize an image folder's images (CLI: --image-size)."""
+    n = check_n(n)
+    if image_size is not None and not (isinstance(spec, str) and os.path.isdir(spec)):
+        raise InputError("image_size", "resizes the images of an image folder (--data DIR/); the data is not one")
     if isinstance(spec, Dataset):
-        return spec
+        return spec.head(n)
+    if isinstance(spec, (str, os.PathLike)) and not isinstance(spec, str):
+        spec = os.fspath(spec)
     if isinstance(spec, str):
         if spec in ("digits", "digits:test"):
-            return digits_split("test")
+            return digits_split("test").head(n)
         if spec == "digits:train":
-            return digits_split("train")
+            return digits_split("train").head(n)
         if spec in ("breast-cancer", "breast-cancer:test", "breast-cancer:train"):
-            return breast_cancer_split("train" if spec.endswith(":train") else "test")
+            return breast_cancer_split("train" if spec.endswith(":train") else "test").head(n)
+        if os.path.isdir(spec) and not spec.endswith(".npz"):
+            from robustlab.image_folder import load_image_folder
+
+            return load_image_folder(spec, n=n, image_size=image_size)
         if spec.endswith(".npz") or (os.path.exists(spec) and not _looks_like_object_spec(spec)):
-            return _load_npz(spec, trust_pickle=trust_pickle)
+            return _load_npz(spec, trust_pickle=trust_pickle, n=n)
         if _looks_like_object_spec(spec):
             obj = load_object(spec, argument="data")
             produced = obj() if callable(obj) and not isinstance(obj, torch.utils.data.Dataset) else obj
-            return from_object(produced, source=spec)
-        raise InputError("data", f"{spec!r} is neither 'digits', 'breast-cancer', an existing .npz file, nor "
-                                 "'module:function'")
-    return from_object(spec, source="in-memory")
+            return from_object(produced, source=spec, n=n)
+        raise InputError("data", f"{spec!r} is neither 'digits', 'breast-cancer', an existing .npz file, an image "
+                                 "folder, nor 'module:function'")
+    return from_object(spec, source="in-memory", n=n)
+
+
+def check_n(n: Any) -> int | None:
+    """None or a positive number of samples; InputError naming n otherwise."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InputError("n", f"must be a positive number of samples, got {n!r}")
+    return int(n)
 
 
 def _looks_like_object_spec(spec: str) -> bool:
@@ -159,13 +187,16 @@ def _looks_like_object_spec(spec: str) -> bool:
     return bool(sep) and bool(head) and tail.isidentifier() and not os.path.exists(spec)
 
 
-def _load_npz(path: str, *, trust_pickle: bool) -> Dataset:
+def _load_npz(path: str, *, trust_pickle: bool, n: int | None = None) -> Dataset:
     if not os.path.exists(path):
         raise InputError("data", f"file not found: {path}")
     import zipfile
 
     if not zipfile.is_zipfile(path):
         raise InputError("data", f"cannot read {path}: not an .npz archive (np.savez writes one)")
+    head = _npz_head(path, n)
+    if head is not None:
+        return from_object(head, source=os.path.basename(path))
     try:
         with np.load(path, allow_pickle=trust_pickle) as arrays:
             missing = {"x", "y"} - set(arrays.files)
@@ -181,22 +212,74 @@ def _load_npz(path: str, *, trust_pickle: bool) -> Dataset:
         raise InputError("data", f"cannot read {path}: {error}") from None
     except Exception as error:  # noqa: BLE001 - zip/format errors of all kinds
         raise InputError("data", f"cannot read {path} as .npz: {error}") from None
-    return from_object((x, y), source=os.path.basename(path))
+    return from_object((x, y), source=os.path.basename(path), n=n)
 
 
-def from_object(obj: Any, *, source: str) -> Dataset:
-    """(x, y) pair, a torch Dataset, or a DataLoader -> Dataset."""
+def _npz_head(path: str, n: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first n rows of x and y, read from the archive's .npy headers without loading the rest; None
+    where that is not possible (object arrays, Fortran order, an unknown format), for np.load to handle."""
+    import zipfile
+
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {name[:-4]: name for name in archive.namelist() if name.endswith(".npy")}
+            if not {"x", "y"} <= set(members):
+                return None
+            lengths = {}
+            for key in ("x", "y"):
+                with archive.open(members[key]) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        return None
+                    if dtype.hasobject or fortran or not shape:
+                        return None
+                    lengths[key] = shape[0]
+                    rows = shape[0] if n is None else min(n, shape[0])
+                    count = rows * int(np.prod(shape[1:], dtype=np.int64))
+                    array = np.empty((rows, *shape[1:]), dtype=dtype)
+                    view, done = memoryview(array.reshape(-1).view(np.uint8)), 0
+                    while done < len(view):
+                        got = f.readinto(view[done:])
+                        if not got:
+                            raise InputError("data", f"cannot read {path}: array {key!r} is truncated")
+                        done += got
+                    arrays[key] = array
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - np.load reports what is wrong with the archive
+        return None
+    if lengths["x"] != lengths["y"]:
+        raise InputError("data", f"{os.path.basename(path)}: {lengths['x']} inputs but {lengths['y']} labels")
+    return arrays["x"], arrays["y"]
+
+
+def from_object(obj: Any, *, source: str, n: int | None = None) -> Dataset:
+    """(x, y) pair, a torch Dataset, or a DataLoader -> Dataset; with `n`, only the first n samples are
+    read (a Dataset's items beyond n are never fetched, a DataLoader is left after the batch reaching n)."""
+    n = check_n(n)
     if isinstance(obj, dict) and {"x", "y"} <= set(obj):
         obj = (obj["x"], obj["y"])
     if isinstance(obj, torch.utils.data.DataLoader):
         xs, ys = [], []
+        taken = 0
         for batch in obj:
             bx, by = _pair(batch, source)
             xs.append(_tensor(bx, "x"))
             ys.append(_tensor(by, "y").reshape(-1))
+            taken += len(xs[-1])
+            if n is not None and taken >= n:
+                break
         if not xs:
             raise InputError("data", f"{source}: the DataLoader yielded no batches")
-        return _checked(torch.cat(xs), torch.cat(ys), source)
+        x_all, y_all = torch.cat(xs), torch.cat(ys)
+        if n is not None and len(x_all) == len(y_all):
+            x_all, y_all = x_all[:n], y_all[:n]
+        return _checked(x_all, y_all, source)
     if isinstance(obj, torch.utils.data.Dataset) and not isinstance(obj, (tuple, list)):
         try:
             length = len(obj)  # type: ignore[arg-type]
@@ -204,7 +287,7 @@ def from_object(obj: Any, *, source: str) -> Dataset:
             raise InputError("data", f"{source}: the Dataset has no length; return a DataLoader instead") from None
         if length == 0:
             raise InputError("data", f"{source}: the Dataset is empty")
-        items = [_pair(obj[i], source) for i in range(length)]
+        items = [_pair(obj[i], source) for i in range(length if n is None else min(n, length))]
         try:
             x = torch.stack([_tensor(a, "x") for a, _ in items])
         except RuntimeError as error:
@@ -212,9 +295,21 @@ def from_object(obj: Any, *, source: str) -> Dataset:
         y = _tensor([_scalar(b) for _, b in items], "y")
         return _checked(x, y, source)
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
-        return _checked(_tensor(obj[0], "x"), _tensor(obj[1], "y"), source)
+        x, y = obj
+        if n is not None and _length(x) is not None and _length(y) is not None:
+            if _length(x) != _length(y):
+                raise InputError("data", f"{source}: {len(x)} inputs but {len(y)} labels")
+            x, y = x[:n], y[:n]
+        return _checked(_tensor(x, "x"), _tensor(y, "y"), source)
     raise InputError("data", f"{source}: expected (x, y) arrays, a torch Dataset or a DataLoader, "
                              f"got {type(obj).__name__}")
+
+
+def _length(value: Any) -> int | None:
+    try:
+        return len(value)
+    except TypeError:  # a scalar, a 0-dim array
+        return None
 
 
 def _pair(item: Any, source: str) -> tuple[Any, Any]:

@@ -102,7 +102,7 @@ def audit(
         several side by side. Wrapper options (bounds, mean, std, name, classes, output) apply
         to models given as plain modules.
     data: "digits" (default), an .npz path, "module:function", (x, y) arrays, a Dataset or
-        DataLoader. `n` keeps the first n samples.
+        DataLoader, an image folder. `n` keeps the first n samples, and no more are read.
     features: names of 1-D (tabular) inputs' features, one per feature (default: the data's own, e.g.
         "breast-cancer" carries sklearn's); recorded in metadata["data"]["features"] and shown by the report.
     attacks: registered names (`robustlab.attacks.registry.names()`: "fgsm", "pgd", "cw", "mifgsm",
@@ -264,7 +264,7 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
         if isinstance(e, bool) or not isinstance(e, (int, float, np.floating)) or not math.isfinite(e) or e < 0:
             raise InputError("eps", f"must be finite numbers >= 0, got {e!r}")
     eps_list = sorted({float(e) for e in eps_list})
-    dataset = load_data(data).head(n).with_features(features)
+    dataset = load_data(data, n=n).with_features(features)  # n applied while reading
     wrap_options = dict(bounds=bounds, mean=mean, std=std, classes=classes or dataset.classes, output=output)
     models = _models(model, name, wrap_options, dev)
     built = [_build_attack(a, geometry.name, steps=steps, restarts=restarts, loss=loss) for a in attacks]

@@ -81,3 +81,71 @@ def test_unknown_spec_and_missing_function():
         load_data("no-such-thing")
     with pytest.raises(InputError, match="cannot import"):
         load_data("no_such_module_xyz:make")
+
+
+# ---------------------------------------------------------------------------- n applied while reading (issue 12)
+class CountingDataset(torch.utils.data.Dataset):
+    """A Dataset that counts the items fetched from it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fetched: list[int] = []
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int):
+        self.fetched.append(i)
+        return torch.full((1, 4, 4), i / self.size), i % 3
+
+
+def test_n_reads_only_n_items_of_a_dataset():
+    source = CountingDataset(100)
+    data = load_data(source, n=7)
+    assert len(data) == 7 and source.fetched == list(range(7))
+    assert data.y.tolist() == [i % 3 for i in range(7)]
+    everything = CountingDataset(100)
+    assert len(load_data(everything)) == 100 and len(everything.fetched) == 100
+
+
+def test_n_stops_a_dataloader_after_the_batch_that_reaches_it():
+    source = CountingDataset(100)
+    loader = torch.utils.data.DataLoader(source, batch_size=4)
+    data = load_data(loader, n=10)
+    assert len(data) == 10 and source.fetched == list(range(12))  # three batches of 4, cut to 10
+    assert torch.equal(data.x[:, 0, 0, 0], torch.arange(10) / 100)
+
+
+def test_audit_applies_n_before_reading(tmp_path):
+    import robustlab
+    from support import tiny_linear
+
+    source = CountingDataset(500)
+    result = robustlab.audit(tiny_linear(16, 3), source, attacks=["fgsm"], eps=0.1, n=9, suite="none",
+                             checks="none")
+    assert source.fetched == list(range(9)) and int(result.summary["n"].iloc[0]) == 9
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_n_reads_the_first_rows_of_an_npz(save, tmp_path, monkeypatch):
+    x = np.random.default_rng(1).random((40, 2, 3)).astype(np.float32)
+    y = np.arange(40) % 4
+    save(tmp_path / "d.npz", x=x, y=y)
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load read the whole archive"))
+    data = load_data(str(tmp_path / "d.npz"), n=6)
+    assert torch.equal(data.x, torch.from_numpy(x[:6])) and data.y.tolist() == y[:6].tolist()
+    assert torch.equal(load_data(str(tmp_path / "d.npz")).x, torch.from_numpy(x))  # without n: every row
+
+
+def test_n_keeps_npz_length_checks(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((10, 3), np.float32), y=np.zeros(8, np.int64))
+    with pytest.raises(InputError, match="10 inputs but 8 labels"):
+        load_data(str(tmp_path / "d.npz"), n=5)
+    with pytest.raises(InputError, match="10 inputs but 8 labels"):
+        load_data((np.zeros((10, 3)), np.zeros(8)), n=5)
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, True, "4"])
+def test_bad_n_is_refused(n):
+    with pytest.raises(InputError, match="^n: must be a positive number"):
+        load_data("digits", n=n)

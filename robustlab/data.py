@@ -242,12 +242,13 @@ def _npz_head(path: str, n: int | None) -> tuple[np.ndarray, np.ndarray] | None:
                     rows = shape[0] if n is None else min(n, shape[0])
                     count = rows * int(np.prod(shape[1:], dtype=np.int64))
                     array = np.empty((rows, *shape[1:]), dtype=dtype)
-                    view, done = memoryview(array.reshape(-1).view(np.uint8)), 0
+                    view, done = array.reshape(-1).view(np.uint8).data, 0  # the array's own bytes
                     while done < len(view):
-                        got = f.readinto(view[done:])
-                        if not got:
+                        chunk = f.read(min(len(view) - done, 1 << 24))
+                        if not chunk:
                             raise InputError("data", f"cannot read {path}: array {key!r} is truncated")
-                        done += got
+                        view[done:done + len(chunk)] = chunk
+                        done += len(chunk)
                     arrays[key] = array
     except InputError:
         raise

@@ -372,6 +372,9 @@ def _audit(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be positive, got {value}")
     certify = _certify(args)
+    from robustlab.gates import check_certify
+
+    check_certify(certify=certify, requirements=requirements)  # certified_accuracy>=... needs --certify
 
     from robustlab.harness import audit, check_audit, resolve_device
     from robustlab.loading import load_model
@@ -411,6 +414,9 @@ def _demo(args: argparse.Namespace) -> int:
     requirements = _requirements(args, eps)
     _check_tracking(args)
     certify = _certify(args)
+    from robustlab.gates import check_certify
+
+    check_certify(certify=certify, requirements=requirements)  # certified_accuracy>=... needs --certify
     check_output_dir(args.out)
     device = resolve_device(args.device)
     if args.n is not None and args.n < 1:
@@ -533,7 +539,9 @@ def _judgement_line(j: dict) -> str:
         figure = verdicts.figure_text({"robust_accuracy": j["observed"], "interval": j["interval"], "n": j["n"]})
     else:
         figure = "-" if j.get("observed") is None else f"{float(j['observed']):.4g}"
-    outcome = j["outcome"] if j.get("evaluation") else verdicts.outcome_label(j)  # the evaluation says why
+    # the evaluation says why a figure cannot be judged; "meets: certified" says the lower bound met it
+    outcome = j["outcome"] if j.get("evaluation") and j.get("basis") != verdicts.CERTIFIED_BASIS \
+        else verdicts.outcome_label(j)
     parts = [figure] + ([j["evaluation"]] if j.get("evaluation") else []) + [outcome]
     note = f" ({j['note']})" if j.get("note") else ""
     return f"{head}: {where}: {'; '.join(parts)}{note}"

@@ -14,6 +14,13 @@ A threshold is a requirement (robustlab.verdicts): `min_accuracy=0.5` at eps 0.1
 high the figure). A weaker-than-standard evaluation (quick suite, no checks) is judged on its
 figure, an upper bound, and says so.
 
+Certificates (an audit with `certify=`): `min_certified_accuracy=0.4` at eps 0.1 is
+`certified_accuracy>=0.4@0.1`, judged on the certificate row of each gated threat model (untargeted
+only: certificates are of the untargeted threat model). A result without certificate rows is an
+`InputError`; a requirement on certified_accuracy in a run that will write none is refused before
+any work by `check_certify` (the faces call it with their `certify` option). A robust-accuracy
+threshold the certified lower bound itself meets is met on the basis "certified" ("meets: certified").
+
 A failed gate raises `RobustnessGateError` (an `AssertionError`, so `pytest.raises(AssertionError)`
 and plain `assert`-style handling work) whose message names the model, attack, norm, eps, targeted
 mode, the measured figure and its interval, the required value and the outcome, the clean accuracy,
@@ -51,10 +58,10 @@ from robustlab.results import WORST_CASE, AuditResult, load
 from robustlab.verdicts import Requirement, parse_requirement
 
 __all__ = ["GateCheck", "Margin", "Requirement", "RobustnessGateError", "assert_no_regression", "assert_robust",
-           "evaluate_regression", "evaluate_robust", "evaluation", "judge_requirements", "parse_margin",
-           "parse_requirement", "record_requirements", "requirements_file"]
+           "check_certify", "evaluate_regression", "evaluate_robust", "evaluation", "judge_requirements",
+           "parse_margin", "parse_requirement", "record_requirements", "requirements_file"]
 
-HIGHER_IS_BETTER = ("robust_accuracy", "clean_accuracy", "median_l2", "median_linf")
+HIGHER_IS_BETTER = ("robust_accuracy", "certified_accuracy", "clean_accuracy", "median_l2", "median_linf")
 LOWER_IS_BETTER = ("success_rate",)
 MARGIN_METRICS = HIGHER_IS_BETTER + LOWER_IS_BETTER
 DEFAULT_MARGIN = "robust_accuracy:0.02"
@@ -96,7 +103,7 @@ class Margin:
 class GateCheck:
     """One comparison of one summary row against a threshold or a baseline."""
 
-    kind: str  # "min_accuracy", "min_clean_accuracy" or "regression"
+    kind: str  # "min_accuracy", "min_certified_accuracy", "min_clean_accuracy" or "regression"
     model: str
     attack: str
     norm: str
@@ -114,6 +121,7 @@ class GateCheck:
     outcome: str = ""                  # thresholds: meets / does not meet / cannot be judged
     evaluation: str = ""               # the gated threat model's evaluation status, with its reasons
     interval: tuple[float, float] | None = None  # the 95% Wilson interval of an accuracy over n
+    basis: str = ""                    # thresholds on accuracies: "certified" (the lower bound met it) or "attacked"
 
     @property
     def key(self) -> tuple:
@@ -134,7 +142,7 @@ class GateCheck:
         else:
             text = f"{self.metric} measured {self.measured:.4g}, required {relation} {self.required:.4g} ({self.kind})"
             if self.outcome:
-                text += f": {self.outcome}"
+                text += f": {self.outcome}" + (f": {verdicts.CERTIFIED_BASIS}" if self.proven else "")
             if self.note:
                 text += f"; {self.note}"
             if self.interval:
@@ -142,6 +150,11 @@ class GateCheck:
             if self.evaluation and self.kind == "min_accuracy" and self.evaluation != self.note:
                 text += f"; evaluation: {self.evaluation}"
         return f"{status} {self.where()}: {text}"
+
+    @property
+    def proven(self) -> bool:
+        """A robust-accuracy threshold met by the certified lower bound itself ("meets: certified")."""
+        return self.kind == "min_accuracy" and self.passed and self.basis == verdicts.CERTIFIED_BASIS
 
     def judgement(self, source: str = "robustlab.assert_robust") -> dict:
         """This threshold check as a requirement judgement (metadata["requirements"], robustlab.verdicts)."""
@@ -155,7 +168,7 @@ class GateCheck:
                 "interval": list(self.interval) if self.interval else None,
                 "status": None, "evaluation": None if clean else self.evaluation, "outcome": self.outcome,
                 "passed": self.passed, "reason": self.note if self.outcome == verdicts.CANNOT_JUDGE else "",
-                "note": "" if self.outcome == verdicts.CANNOT_JUDGE else self.note}
+                "note": "" if self.outcome == verdicts.CANNOT_JUDGE else self.note, "basis": self.basis or None}
 
     def to_dict(self) -> dict:
         return {k: _finite(v) for k, v in asdict(self).items()}
@@ -165,20 +178,25 @@ class GateCheck:
 def evaluate_robust(result: AuditResult | pd.DataFrame, *, attack: str | Sequence[str] = WORST_CASE,
                     eps: float | Sequence[float] | None = None, min_accuracy: float | None = None,
                     min_clean_accuracy: float | None = None, norm: str | None = None, targeted: Any = "none",
-                    model: str | None = None) -> list[GateCheck]:
+                    model: str | None = None, min_certified_accuracy: float | None = None) -> list[GateCheck]:
     """The checks of a robustness gate, without raising. See `assert_robust`."""
     summary = _summary(result)
     check_fraction("min_accuracy", min_accuracy)
     check_fraction("min_clean_accuracy", min_clean_accuracy)
-    if min_accuracy is None and min_clean_accuracy is None:
-        raise InputError("min_accuracy", "give min_accuracy and/or min_clean_accuracy (the gate's thresholds)")
+    check_fraction("min_certified_accuracy", min_certified_accuracy)
+    if min_accuracy is None and min_clean_accuracy is None and min_certified_accuracy is None:
+        raise InputError("min_accuracy", "give min_accuracy, min_certified_accuracy and/or min_clean_accuracy "
+                                         "(the gate's thresholds)")
     rows = select_rows(summary, attack=attack, eps=eps, norm=norm, targeted=targeted, model=model)
+    certificates = _certificate_rows(summary, rows) if min_certified_accuracy is not None else {}
     evaluations = _evaluations(result)
     checks: list[GateCheck] = []
     for _, row in rows.iterrows():
         base = _row_fields(row)
         if min_accuracy is not None:
             checks.append(_threshold("min_accuracy", "robust_accuracy", float(min_accuracy), row, base, evaluations))
+        if min_certified_accuracy is not None:
+            checks.append(_certified_threshold(float(min_certified_accuracy), row, base, certificates, evaluations))
         if min_clean_accuracy is not None:
             checks.append(_threshold("min_clean_accuracy", "clean_accuracy", float(min_clean_accuracy), row, base,
                                      evaluations))
@@ -193,7 +211,61 @@ def _threshold(kind: str, metric: str, required: float, row: Mapping, base: dict
     low_high = judged.get("interval")
     return GateCheck(kind=kind, metric=metric, measured=measured, required=required, passed=judged["passed"],
                      note=note, outcome=judged["outcome"], evaluation=judged.get("evaluation") or "",
-                     interval=tuple(low_high) if low_high else None, **base)
+                     interval=tuple(low_high) if low_high else None, basis=judged.get("basis") or "", **base)
+
+
+def _certificate_rows(summary: pd.DataFrame, gated: pd.DataFrame) -> dict[tuple, pd.Series]:
+    """The certificate row of every gated threat model (model, norm, eps; untargeted), the highest where
+    several methods certified it. InputError when the result has none at all, or the gate is targeted."""
+    certified = summary[summary["attack"].map(verdicts.is_certificate)] if len(summary) else summary
+    if not len(certified):
+        raise InputError("min_certified_accuracy", "the result has no certificate rows: audit with "
+                                                   "certify='ibp', 'crown' or 'smoothing[:SIGMA]' (--certify)")
+    if any(str(t) != "none" for t in gated["targeted"]):
+        raise InputError("min_certified_accuracy", "certificates are of the untargeted threat model: gate "
+                                                   "certified accuracy with targeted='none'")
+    out: dict[tuple, pd.Series] = {}
+    for _, row in certified.sort_values("certified_accuracy", na_position="first").iterrows():
+        out[_threat_key(row)] = row  # ascending: the highest certificate of a threat model wins
+    return out
+
+
+def _threat_key(row: Mapping) -> tuple:
+    eps = _number(row.get("eps"))
+    return str(row.get("model")), str(row.get("norm")), None if eps is None else round(eps, 12)
+
+
+def _certified_threshold(required: float, row: Mapping, base: dict, certificates: dict[tuple, pd.Series],
+                         evaluations: list[dict]) -> GateCheck:
+    """certified_accuracy >= required on the certificate row of `row`'s threat model; a model the audit
+    could not certify (no row: e.g. a layer the bounds do not support) cannot be judged."""
+    found = certificates.get(_threat_key(row))
+    if found is None:
+        return GateCheck(kind="min_certified_accuracy", metric="certified_accuracy", measured=float("nan"),
+                         required=required, passed=False, outcome=verdicts.CANNOT_JUDGE,
+                         note="no certificate of this threat model (was the model skipped? see "
+                              "metadata['certify'])", basis=verdicts.CERTIFIED_BASIS, **base)
+    judged = verdicts.judge_row("certified_accuracy", required, found, evaluations)
+    low_high = judged.get("interval")
+    fields = base | {"attack": str(found["attack"])}
+    return GateCheck(kind="min_certified_accuracy", metric="certified_accuracy",
+                     measured=float(found["certified_accuracy"]), required=required, passed=judged["passed"],
+                     note=judged["reason"] or judged["note"], outcome=judged["outcome"],
+                     evaluation=judged.get("evaluation") or "", interval=tuple(low_high) if low_high else None,
+                     basis=verdicts.CERTIFIED_BASIS, **fields)
+
+
+def check_certify(*, certify: Any, requirements: Iterable[Requirement | str] = (),
+                  min_certified_accuracy: float | None = None, argument: str = "--certify") -> None:
+    """Refuse before any work a certified-accuracy requirement (a `--require`/[tool.robustlab] entry, or
+    a gate's `min_certified_accuracy`) in an audit without certificates (`certify` None or "none"):
+    InputError naming the requirement. The faces call it with their certify option; `argument` is how
+    the user turns certificates on there ("--certify", "certify=")."""
+    parsed = [r if isinstance(r, Requirement) else parse_requirement(r) for r in requirements]
+    verdicts.check_certified_requirements(parsed, certify, argument=argument)
+    if min_certified_accuracy is not None and certify in (None, "", "none"):
+        raise InputError("min_certified_accuracy", f"min_certified_accuracy={min_certified_accuracy!r} needs "
+                                                   f"certificates: add {verdicts.certify_hint(argument)}")
 
 
 def _evaluations(result: AuditResult | pd.DataFrame) -> list[dict]:
@@ -224,20 +296,24 @@ def record_requirements(result: AuditResult, judged: Iterable[Mapping]) -> list[
 def assert_robust(result: AuditResult, *, attack: str | Sequence[str] = WORST_CASE,
                   eps: float | Sequence[float] | None = None, min_accuracy: float | None = None,
                   min_clean_accuracy: float | None = None, norm: str | None = None, targeted: Any = "none",
-                  model: str | None = None, results_dir: str | os.PathLike | None = None) -> list[GateCheck]:
+                  model: str | None = None, results_dir: str | os.PathLike | None = None,
+                  min_certified_accuracy: float | None = None) -> list[GateCheck]:
     """Fail unless robust accuracy under `attack` is at least `min_accuracy` at every `eps`.
 
     attack: an attack name as in the summary ("pgd", "cw", "foolbox:..."), "worst-case" (default:
         the per-sample worst case over the audited attacks), or several names (their worst case).
     eps: one budget or several (each must pass); None: every budgeted eps of that attack.
-    min_clean_accuracy: also require this clean accuracy. model: one model of a multi-model audit
+    min_clean_accuracy: also require this clean accuracy. min_certified_accuracy: also require this
+        certified accuracy (the audit's certificate row at each gated eps; an audit with certify=).
+        model: one model of a multi-model audit
         (default: every model must pass). results_dir: named in the failure message.
     Returns the checks when all pass; raises `RobustnessGateError` (an AssertionError) otherwise,
     and `InputError` when the result has no matching rows.
     """
     __tracebackhide__ = True
     checks = evaluate_robust(result, attack=attack, eps=eps, min_accuracy=min_accuracy,
-                             min_clean_accuracy=min_clean_accuracy, norm=norm, targeted=targeted, model=model)
+                             min_clean_accuracy=min_clean_accuracy, norm=norm, targeted=targeted, model=model,
+                             min_certified_accuracy=min_certified_accuracy)
     raise_if_failed(checks, result=result, results_dir=results_dir)
     return checks
 

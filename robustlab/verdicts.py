@@ -22,6 +22,14 @@ shown in this order:
 
 A requirement on robust accuracy is judged on the measured figure; the interval is shown beside it,
 and a requirement inside the interval is noted as within sampling noise.
+
+**Certificates** (an audit with `certify=`, robustlab.certify) add a lower bound beside that upper bound:
+each evaluation record of the untargeted threat model then carries `certified_accuracy` (the best
+certificate row at that model, norm and eps), its interval, count and method. Where the certified
+figure itself meets a robust-accuracy requirement the outcome is `meets` on the basis `certified`
+("meets: certified"): proven, so it holds whatever the evaluation status of the attacks. A
+requirement on `certified_accuracy` is judged on the certificate rows; an audit without them cannot
+judge it (the faces refuse such a requirement before work: `check_certified_requirements`).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import pandas as pd
 from robustlab.errors import InputError
 
 WORST_CASE = "worst-case"  # robustlab.results.WORST_CASE (results imports this module to migrate old files)
+CERTIFIED = "certified:"  # robustlab.results.CERTIFIED: the prefix of certificate rows ("certified:crown")
 
 # ---------------------------------------------------------------------------- vocabulary
 ESTABLISHED = "established"
@@ -49,6 +58,8 @@ DOES_NOT_MEET = "does not meet"
 CANNOT_JUDGE = "cannot be judged"
 NO_REQUIREMENT = "no requirement set"
 OUTCOMES = (MEETS, DOES_NOT_MEET, CANNOT_JUDGE)
+CERTIFIED_BASIS = "certified"      # a judgement's basis: the certified lower bound met the requirement
+ATTACKED_BASIS = "attacked"        # ... or the attacked (upper-bound) figure was judged
 
 STATUS_TEXT = {
     ESTABLISHED: "the standard attack suite ran and every applicable integrity check passed",
@@ -57,6 +68,7 @@ STATUS_TEXT = {
 }
 OUTCOME_TEXT = {
     MEETS: "the measured figure meets the requirement",
+    f"{MEETS}: {CERTIFIED_BASIS}": "the certified lower bound itself meets the requirement: proven, not only unbroken",
     DOES_NOT_MEET: "the measured figure is below the requirement",
     CANNOT_JUDGE: "the figure cannot be trusted (evaluation not established) or is missing",
     NO_REQUIREMENT: "no requirement was set: the figure is a measurement, not a pass",
@@ -71,8 +83,9 @@ _Z = 1.959963984540054               # two-sided 95% normal quantile
 _EPS_TOLERANCE = 1e-9
 _TOLERANCE = 1e-9                    # float noise allowed on top of every requirement
 
-REQUIREMENT_METRICS = ("robust_accuracy", "clean_accuracy", "median_l2", "median_linf")
-FRACTION_METRICS = ("robust_accuracy", "clean_accuracy")
+REQUIREMENT_METRICS = ("robust_accuracy", "certified_accuracy", "clean_accuracy", "median_l2", "median_linf")
+FRACTION_METRICS = ("robust_accuracy", "certified_accuracy", "clean_accuracy")
+INTERVAL_METRICS = ("robust_accuracy", "certified_accuracy")  # figures over n samples judged with a noise note
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -126,6 +139,8 @@ def evaluate(summary: pd.DataFrame, checks: Iterable[Mapping], *, level: str | N
     rows = summary[summary["eps"].notna()]
     if norm is not None:
         rows = rows[rows["norm"] == norm]
+    certified = rows[rows["attack"].map(is_certificate)]
+    rows = rows[~rows["attack"].map(is_certificate)]
     for (model, norm_, targeted, eps), block in rows.groupby(["model", "norm", "targeted", "eps"], sort=False):
         worst = block[block["attack"] == WORST_CASE]
         use = worst if len(worst) else block
@@ -147,7 +162,34 @@ def evaluate(summary: pd.DataFrame, checks: Iterable[Mapping], *, level: str | N
             "confidence": CONFIDENCE, "status": status, "failed_checks": failed, "reductions": reductions,
             "reasons": failed + reductions, "suite": suite_name,
             "checks": level if ran else "none", "attacks": attacks, "meaning": STATUS_TEXT[status]})
+        out[-1].update(certificate(certified, str(model), str(norm_), float(eps), str(targeted)))
     return out
+
+
+def is_certificate(attack: Any) -> bool:
+    """A certificate row ("certified:crown"): a lower bound in certified_accuracy, never an attack."""
+    return isinstance(attack, str) and attack.startswith(CERTIFIED)
+
+
+def certificate(certified: pd.DataFrame, model: str, norm: str, eps: float, targeted: str) -> dict:
+    """The certified lower bound of one threat model: the highest certificate row of the model at
+    (norm, eps); certificates are of the untargeted threat model only. {} when there is none.
+
+    Every certificate is a lower bound of the same robust accuracy, so the highest is the tightest."""
+    if targeted != "none" or not len(certified):
+        return {}
+    mine = certified[(certified["model"].astype(str) == model) & (certified["norm"].astype(str) == norm)
+                     & (certified["targeted"].astype(str) == "none")
+                     & certified["eps"].map(lambda e: same_eps(e, eps))]
+    mine = mine[mine["certified_accuracy"].map(_finite)] if "certified_accuracy" in mine else mine.iloc[0:0]
+    if not len(mine):
+        return {}
+    best = mine.loc[mine["certified_accuracy"].astype(float).idxmax()]
+    rate, n = float(best["certified_accuracy"]), int(best["n"])
+    low_high = interval(rate, n)
+    return {"certified_accuracy": rate, "certified_count": int(round(rate * n)),
+            "certified_interval": list(low_high) if low_high else None,
+            "certified_method": str(best["attack"])[len(CERTIFIED):]}
 
 
 def status_label(record: Mapping | None) -> str:
@@ -273,7 +315,7 @@ def _number(text: str, argument: str, whole: str, what: str) -> float:
 def judge(metric: str, observed: Any, required: float, evaluation: Mapping | None = None) -> tuple[str, str]:
     """(outcome, reason) of `observed >= required`. A robust-accuracy figure whose evaluation is not
     established cannot be judged, whatever the requirement; without an evaluation record the figure
-    is judged as measured."""
+    is judged as measured. A certified figure is a proof: no evaluation status bears on it."""
     if not _finite(observed):
         return CANNOT_JUDGE, "no figure to compare"
     if metric == "robust_accuracy" and evaluation is not None and evaluation.get("status") == NOT_ESTABLISHED:
@@ -285,9 +327,41 @@ def judge(metric: str, observed: Any, required: float, evaluation: Mapping | Non
 
 def noise_note(metric: str, required: float, low_high: Sequence[float] | None) -> str:
     """A note when the requirement lies strictly inside the figure's interval: the outcome is within noise."""
-    if metric != "robust_accuracy" or not low_high or not low_high[0] < required < low_high[1]:
+    if metric not in INTERVAL_METRICS or not low_high or not low_high[0] < required < low_high[1]:
         return ""
     return f"the requirement lies inside the figure's {CONFIDENCE:.0%} interval: the outcome is within sampling noise"
+
+
+def certified_basis(required: float, evaluation: Mapping | None) -> str:
+    """A robust-accuracy requirement met by the certified lower bound itself: the note that says so,
+    else "" (no certificate at that threat model, or it is below the requirement)."""
+    rate = _float((evaluation or {}).get("certified_accuracy"))
+    if rate is None or rate < float(required) - _TOLERANCE:
+        return ""
+    method = str((evaluation or {}).get("certified_method") or "a certificate")
+    bound = ("a lower bound of the smoothed classifier's robust accuracy, with probability 1 - alpha over the noise"
+             if method.startswith("smoothing") else "a proven lower bound of robust accuracy")
+    return f"certified >= {rate:.1%} ({method}) meets it: {bound}"
+
+
+def check_certified_requirements(requirements: Iterable[Requirement], certify: Any, *,
+                                 argument: str = "--certify") -> None:
+    """Refuse, before any work, a requirement on certified_accuracy in a run that writes no
+    certificate (InputError naming the requirement's source): it could only be 'cannot be judged'."""
+    if certify not in (None, "", "none"):
+        return
+    for req in requirements:
+        if req.metric == "certified_accuracy":
+            source = req.source if req.source.startswith("--") else f"{req.source} require"
+            raise InputError(source, f"{req.describe()} needs certificates: add {certify_hint(argument)} "
+                                     "(without them there are no certified rows to judge)")
+
+
+def certify_hint(argument: str) -> str:
+    """How to turn certificates on: '--certify ibp|crown|smoothing[:SIGMA]' or "certify='crown'"."""
+    if argument.endswith("="):
+        return f"{argument}'ibp', 'crown' or 'smoothing[:SIGMA]'"
+    return f"{argument} ibp|crown|smoothing[:SIGMA]"
 
 
 def judge_requirements(summary: pd.DataFrame, evaluations: Sequence[Mapping],
@@ -305,16 +379,21 @@ def judge_requirements(summary: pd.DataFrame, evaluations: Sequence[Mapping],
         rows = bounded
         if req.eps is not None and len(rows):
             rows = rows[(rows["eps"] - req.eps).abs() <= _EPS_TOLERANCE * max(1.0, req.eps)]
+        if len(rows):  # certificate rows hold certified_accuracy only; every other metric reads the attacks'
+            certified = rows["attack"].map(is_certificate)
+            rows = rows[certified] if req.metric == "certified_accuracy" else rows[~certified]
         if req.metric == "robust_accuracy":
             rows = worst_case_rows(rows)
         elif req.metric == "clean_accuracy" and len(rows):
             rows = rows.drop_duplicates(["model"])
         if not len(rows):
+            what = "no certificate rows (audit with certify=ibp, crown or smoothing)" \
+                if req.metric == "certified_accuracy" else "no results to check"
             out.append(base | {"model": None, "attack": None, "norm": None, "eps": req.eps, "targeted": None,
                                "observed": None, "n": None, "interval": None, "status": None, "evaluation": None,
-                               "outcome": CANNOT_JUDGE, "passed": False,
-                               "reason": "no results to check" + (f" at eps={req.eps:g}" if req.eps is not None
-                                                                  else ""), "note": ""})
+                               "outcome": CANNOT_JUDGE, "passed": False, "basis": None,
+                               "reason": what + (f" at eps={req.eps:g}" if req.eps is not None else ""),
+                               "note": ""})
             continue
         for _, row in rows.iterrows():
             out.append(base | judge_row(req.metric, req.value, row, evaluations))
@@ -322,7 +401,11 @@ def judge_requirements(summary: pd.DataFrame, evaluations: Sequence[Mapping],
 
 
 def judge_row(metric: str, required: float, row: Mapping, evaluations: Sequence[Mapping]) -> dict:
-    """The judgement of one summary row against `metric >= required`."""
+    """The judgement of one summary row against `metric >= required`.
+
+    basis: "certified" where a robust-accuracy requirement is met by the certified lower bound at that
+    threat model (or the requirement is on certified_accuracy), "attacked" for the attacks' figure,
+    None for the other metrics."""
     observed = _float(row.get(metric))
     n = int(row["n"]) if _finite(row.get("n")) else None
     clean = metric == "clean_accuracy"
@@ -330,13 +413,21 @@ def judge_row(metric: str, required: float, row: Mapping, evaluations: Sequence[
                                          str(row["targeted"]))
     outcome, reason = judge(metric, observed, required, evaluation)
     low_high = interval(observed, n) if metric in FRACTION_METRICS else None
+    note = noise_note(metric, required, low_high)
+    basis = {"robust_accuracy": ATTACKED_BASIS, "certified_accuracy": CERTIFIED_BASIS}.get(metric)
+    proven = certified_basis(required, evaluation) if metric == "robust_accuracy" else ""
+    if proven:  # the lower bound meets it: robust accuracy >= certified >= required, whatever the attacks
+        outcome, reason, note, basis = MEETS, "", proven, CERTIFIED_BASIS
+    described = None if clean else status_label(evaluation)
+    if metric == "certified_accuracy":  # a proof: the attacks' evaluation status does not bear on it
+        described = f"certificate: {str(row['attack'])[len(CERTIFIED):]}"
     return {"model": str(row["model"]), "attack": None if clean else str(row["attack"]),
             "norm": None if clean else str(row["norm"]), "eps": None if clean else _float(row.get("eps")),
             "targeted": None if clean else str(row["targeted"]), "observed": observed, "n": n,
             "interval": list(low_high) if low_high else None,
             "status": None if evaluation is None else evaluation.get("status"),
-            "evaluation": None if clean else status_label(evaluation), "outcome": outcome,
-            "passed": outcome == MEETS, "reason": reason, "note": noise_note(metric, required, low_high)}
+            "evaluation": described, "outcome": outcome,
+            "passed": outcome == MEETS, "reason": reason, "note": note, "basis": basis}
 
 
 def worst_case_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -353,8 +444,11 @@ def worst_case_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def outcome_label(judgement: Mapping) -> str:
-    """'meets', 'does not meet', 'cannot be judged (not established (failed checks: gradients))'."""
+    """'meets', 'meets: certified' (the certified lower bound met it), 'does not meet',
+    'cannot be judged (not established (failed checks: gradients))'."""
     outcome = str(judgement.get("outcome"))
+    if outcome == MEETS and judgement.get("basis") == CERTIFIED_BASIS and judgement.get("metric") == "robust_accuracy":
+        return f"{MEETS}: {CERTIFIED_BASIS}"
     return outcome + (f" ({judgement['reason']})" if outcome == CANNOT_JUDGE and judgement.get("reason") else "")
 
 
@@ -374,13 +468,27 @@ def requirement_text(judged: Sequence[Mapping]) -> str:
     """One cell: the outcome of every requirement on one threat model ('-' when none reads it)."""
     if not judged:
         return "-"
-    return "; ".join(f"{outcome_label(j) if j.get('outcome') == CANNOT_JUDGE else j.get('outcome')} "
-                     f"{j.get('requirement')}" for j in judged)
+    return "; ".join(f"{outcome_label(j)} {j.get('requirement')}" for j in judged)
+
+
+def certified_text(record: Mapping | None) -> str:
+    """'certified >= 41.0% [36.5%, 45.7%] (crown) · attacked 46.9%': the bracket of one threat model,
+    or '' without a certificate."""
+    if not record or not _finite(record.get("certified_accuracy")):
+        return ""
+    text = f"certified >= {float(record['certified_accuracy']):.1%}"
+    low_high = record.get("certified_interval")
+    if low_high:
+        text += f" [{float(low_high[0]):.1%}, {float(low_high[1]):.1%}]"
+    text += f" ({record.get('certified_method') or 'certificate'})"
+    if _finite(record.get("robust_accuracy")):
+        text += f" · attacked {float(record['robust_accuracy']):.1%}"
+    return text
 
 
 def for_threat_model(judged: Sequence[Mapping], record: Mapping) -> list[dict]:
-    """The robust-accuracy judgements that read this evaluation record's threat model."""
-    return [dict(j) for j in judged if j.get("metric") == "robust_accuracy" and j.get("model") == record.get("model")
+    """The robust- and certified-accuracy judgements that read this evaluation record's threat model."""
+    return [dict(j) for j in judged if j.get("metric") in INTERVAL_METRICS and j.get("model") == record.get("model")
             and str(j.get("targeted")) == str(record.get("targeted")) and same_eps(j.get("eps"), record.get("eps"))
             and (j.get("norm") is None or str(j.get("norm")) == str(record.get("norm")))]
 
@@ -389,16 +497,21 @@ def format_verdicts(evaluations: Sequence[Mapping], judged: Sequence[Mapping]) -
     """The CLI's verdict table: per threat model the figure, the evaluation status, the requirement."""
     if not evaluations:
         return "Verdict: no budgeted results."
-    header = ["model", "threat model", f"worst-case robust accuracy [{CONFIDENCE:.0%} CI]", "evaluation",
-              "requirement"]
+    certified = any(_finite(v.get("certified_accuracy")) for v in evaluations)
+    header = ["model", "threat model", f"worst-case robust accuracy [{CONFIDENCE:.0%} CI]"] + \
+        ([f"certified lower bound [{CONFIDENCE:.0%} CI]"] if certified else []) + ["evaluation", "requirement"]
     body = []
     for v in evaluations:
         mode = "untargeted" if str(v.get("targeted")) == "none" else f"targeted: {v.get('targeted')}"
+        bound = [(certified_text({k: x for k, x in v.items() if k != "robust_accuracy"}) or "-")] \
+            if certified else []
         body.append([str(v.get("model")), f"{v.get('norm')} eps={float(v['eps']):g} ({mode})", figure_text(v),
-                     status_label(v), requirement_text(for_threat_model(judged, v)) if judged else NO_REQUIREMENT])
+                     *bound, status_label(v),
+                     requirement_text(for_threat_model(judged, v)) if judged else NO_REQUIREMENT])
     widths = [max(len(header[i]), *(len(r[i]) for r in body)) for i in range(len(header))]
     line = lambda cells: "  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    lines = ["Verdict (worst case over every attack; evaluation status; requirement):", line(header)]
+    title = "worst case over every attack; " + ("certified lower bound; " if certified else "")
+    lines = [f"Verdict ({title}evaluation status; requirement):", line(header)]
     lines += [line(r) for r in body]
     if not judged:
         lines.append(f"  {NO_REQUIREMENT}: these figures are measurements, not a pass; set one with "

@@ -4,6 +4,10 @@ What was measured (the worst-case robust accuracy, with its 95% Wilson interval 
 that figure can be trusted (the evaluation status), and whether it meets the requirement the user
 set (or "no requirement set"). No card calls a model robust: only a requirement can say it is
 robust enough (robustlab.verdicts).
+
+With certificates (an audit with certify=), each untargeted threat model also shows its certified
+lower bound beside the attacked figure ("certified >= 41.0% [CI] (crown) · attacked 46.9%"), and a
+requirement the lower bound itself meets reads "meets: certified": proven, not only unbroken.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ def _lead(lines: list[facts.ThreatModel], judged: list[dict]) -> str:
         parts = [f'<span class="ok">{counts[V.MEETS]} met</span>' if counts[V.MEETS] else "",
                  f'<span class="bad">{counts[V.DOES_NOT_MEET]} not met</span>' if counts[V.DOES_NOT_MEET] else "",
                  f'<span class="bad">{counts[V.CANNOT_JUDGE]} cannot be judged</span>' if counts[V.CANNOT_JUDGE] else ""]
+        proven = sum(1 for j in judged if V.outcome_label(j) == f"{V.MEETS}: {V.CERTIFIED_BASIS}")
+        if proven:
+            parts[0] += f' <span class="ok">({proven} by the certified lower bound)</span>'
         head = f"<b>Requirements:</b> {', '.join(p for p in parts if p)} (of {len(judged)} checked). "
     else:
         head = ("<b>No requirement set.</b> The figures below are measurements, not a pass: whether they are enough "
@@ -59,7 +66,11 @@ def _legend() -> str:
             "suite ran and every integrity check passed; <b>weaker than standard</b>: a reduced suite or no checks, "
             "so the figure is an upper bound from a weaker evaluation; <b>not established</b>: a check failed, the "
             "attacks may be blind); <b>requirement</b>, the outcome of the requirement you set (a figure that is not "
-            "established cannot be judged).")
+            "established cannot be judged). With certificates, <b>certified</b> is the share of samples proven to "
+            "keep their label everywhere in the eps ball (IBP/CROWN; randomised smoothing: the smoothed classifier, "
+            "with probability 1 - alpha), a lower bound of robust accuracy under any attack; a requirement it meets "
+            "by itself reads "
+            "<b>meets: certified</b>, whatever the evaluation status.")
 
 
 def _card(t: facts.ThreatModel) -> str:
@@ -76,15 +87,19 @@ def _card(t: facts.ThreatModel) -> str:
             '<ol class="verdict">'
             f'<li><span class="label">Measured</span><span class="big">{facts.pct(figure)}</span>'
             f'<small>worst-case robust accuracy at eps={eps:g}'
-            f'{" · " + esc(facts.interval_text(record)) if record and record.get("interval") else ""}</small></li>'
+            f'{" · " + esc(facts.interval_text(record)) if record and record.get("interval") else ""}</small>'
+            f'{_certified(record)}</li>'
             f'<li><span class="label">Evaluation</span><b class="{_STATUS_CLASS.get(status, "")}">'
             f'{esc(status or "not evaluated")}</b><small>{esc(_status_detail(record))}</small></li>'
             f'<li><span class="label">Requirement</span>{_requirement(t, eps)}</li></ol>')
-    rows = "".join(_row(t, e, v) for e, v in sorted(t.evaluations.items()))
+    bounded = any(facts.is_num(v.get("certified_accuracy")) for v in t.evaluations.values())
+    rows = "".join(_row(t, e, v, bounded) for e, v in sorted(t.evaluations.items()))
+    certified_head = f'<th>certified lower bound ({V.CONFIDENCE:.0%} CI)</th>' if bounded else ""
     per_eps = (f'<table class="data verdicts"><thead><tr><th class="l">eps</th>'
-               f'<th>worst-case robust accuracy ({V.CONFIDENCE:.0%} CI)</th><th class="l">evaluation</th>'
-               f'<th class="l">requirement</th></tr></thead><tbody>{rows}</tbody></table>') if rows else ""
-    others = [j for j in t.requirements if j.get("metric") != "robust_accuracy" or j.get("model") is None]
+               f'<th>worst-case robust accuracy ({V.CONFIDENCE:.0%} CI)</th>{certified_head}'
+               f'<th class="l">evaluation</th><th class="l">requirement</th></tr></thead>'
+               f'<tbody>{rows}</tbody></table>') if rows else ""
+    others = [j for j in t.requirements if j.get("metric") not in V.INTERVAL_METRICS or j.get("model") is None]
     extra = ""
     if others:
         extra = '<ul class="checks">' + "".join(f"<li>{_judgement(j)}</li>" for j in others) + "</ul>"
@@ -92,6 +107,18 @@ def _card(t: facts.ThreatModel) -> str:
     return (f'<div class="card {cls}"><h3><span>{esc(t.model)}</span><span class="badge {cls}">{badge}</span></h3>'
             f'<div class="tm">{esc(t.norm)} · {esc(t.mode_label)} · n={t.n} · attacks: {attacks} · '
             f'clean accuracy {facts.pct(t.clean)}</div>{verdict}{per_eps}{extra}{_integrity(t)}</div>')
+
+
+def _at(t: facts.ThreatModel, eps: float) -> list[dict]:
+    """The robust- and certified-accuracy judgements at one eps of this card."""
+    return [j for j in t.requirements if j.get("metric") in V.INTERVAL_METRICS and j.get("model") is not None
+            and V.same_eps(j.get("eps"), eps)]
+
+
+def _certified(record: dict | None) -> str:
+    """The certified lower bound beside the attacked figure, or nothing without a certificate."""
+    text = V.certified_text(record)
+    return f'<small class="certified">{esc(text)}</small>' if text else ""
 
 
 def _status_detail(record: dict | None) -> str:
@@ -106,7 +133,7 @@ def _status_detail(record: dict | None) -> str:
 
 
 def _requirement(t: facts.ThreatModel, eps: float) -> str:
-    judged = t.at(eps)
+    judged = _at(t, eps)
     if not judged and not t.requirements:
         return f'<b>{esc(V.NO_REQUIREMENT)}</b><small>this figure is a measurement, not a pass</small>'
     if not judged:
@@ -118,30 +145,44 @@ def _judgement(j: dict, short: bool = False) -> str:
     outcome = str(j.get("outcome"))
     cls = {V.MEETS: "ok", V.DOES_NOT_MEET: "bad", V.CANNOT_JUDGE: "bad"}.get(outcome, "")
     mark = "✓" if outcome == V.MEETS else "✗"
+    label = V.outcome_label(j) if outcome == V.MEETS else outcome  # "meets: certified"
     observed = j.get("observed")
     seen = "" if short or not facts.is_num(observed) else f" (observed {facts.num(observed, '.4g')})"
     where = "" if short else " — " + " · ".join(esc(x) for x in (
         j.get("model"), j.get("attack"), f"eps={float(j['eps']):g}" if facts.is_num(j.get("eps")) else None) if x)
     why = f'<small>{esc(j.get("reason"))}</small>' if outcome == V.CANNOT_JUDGE and j.get("reason") else ""
     note = f'<small>{esc(j.get("note"))}</small>' if j.get("note") else ""
-    return (f'<b class="{cls}">{mark} {esc(outcome)}</b> {esc(j.get("requirement") or j.get("metric"))}{seen}'
+    return (f'<b class="{cls}">{mark} {esc(label)}</b> {esc(j.get("requirement") or j.get("metric"))}{seen}'
             f'{where if where != " — " else ""}{why}{note}')
 
 
-def _row(t: facts.ThreatModel, eps: float, record: dict) -> str:
+def _row(t: facts.ThreatModel, eps: float, record: dict, bounded: bool = False) -> str:
     status = str(record.get("status") or "")
-    judged = t.at(eps)
-    requirement = ("<br>".join(f'<span class="{"ok" if j.get("outcome") == V.MEETS else "bad"}">{esc(j.get("outcome"))}'
+    judged = _at(t, eps)
+    requirement = ("<br>".join(f'<span class="{"ok" if j.get("outcome") == V.MEETS else "bad"}">'
+                             f'{esc(V.outcome_label(j) if j.get("outcome") == V.MEETS else j.get("outcome"))}'
                              f'</span> {esc(j.get("requirement"))}' for j in judged)
                    if judged else f'<span class="muted">{esc(V.NO_REQUIREMENT if not t.requirements else "–")}</span>')
     low_high = record.get("interval")
     ci = f' <span class="muted">[{facts.pct(low_high[0])}, {facts.pct(low_high[1])}]</span>' if low_high else ""
     value = record.get("robust_accuracy")
     shade = heat(float(value)) if value is not None and facts.is_num(value) else ""
-    return (f'<tr><td class="l">{eps:g}</td><td style="{shade}"><b>{facts.pct(value)}</b>{ci}</td>'
+    certified = _certified_cell(record) if bounded else ""
+    return (f'<tr><td class="l">{eps:g}</td><td style="{shade}"><b>{facts.pct(value)}</b>{ci}</td>{certified}'
             f'<td class="l"><span class="{_STATUS_CLASS.get(status, "")}">{esc(status)}</span>'
             f'{" <small class=muted>(" + esc(_status_detail(record)) + ")</small>" if status != V.ESTABLISHED and _status_detail(record) else ""}'
             f'</td><td class="l">{requirement}</td></tr>')
+
+
+def _certified_cell(record: dict) -> str:
+    """The per-eps table's certified lower bound: '>= 41.0% [36.5%, 45.7%] (crown)', or a dash."""
+    bound = record.get("certified_accuracy")
+    if bound is None or not facts.is_num(bound):
+        return '<td><span class="muted">–</span></td>'
+    low_high = record.get("certified_interval")
+    ci = f' <span class="muted">[{facts.pct(low_high[0])}, {facts.pct(low_high[1])}]</span>' if low_high else ""
+    return (f'<td style="{heat(float(bound))}">&ge; <b>{facts.pct(bound)}</b>{ci} '
+            f'<span class="muted">({esc(record.get("certified_method"))})</span></td>')
 
 
 def _integrity(t: facts.ThreatModel) -> str:

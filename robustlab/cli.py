@@ -395,6 +395,10 @@ def _audit(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, checks=args.checks, explain=args.explain, suite=args.suite,
                    certify=certify, features=features)
     defense_plan = _defense_plan(args, eps)
+    if defense_plan is not None and getattr(model.module, "black_box", False):
+        raise UsageError(f"--defend: {args.model} is audited black-box (no parameters or gradients to train); "
+                         "defenses need a model robustlab can train (an ONNX graph onnx2torch converts, or the "
+                         "PyTorch model itself)")
     if defense_plan is not None:
         check_audit(model, data, **options)  # every audit option checked before hours of training
     models, defended = _with_defenses(model, defense_plan, args)

@@ -245,3 +245,15 @@ def test_graph_with_two_inputs_is_refused(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(InputError, match="takes 2 inputs"):
         robustlab.load_model(str(path))
+
+
+def test_defenses_of_a_black_box_model_are_refused_before_training(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    try:
+        code = main(["audit", "--model", str(files["shrink"]), "--defend", "pgd-at", "--n", "8", "--eps", "0.1",
+                     "--attack", "square", "--suite", "none", "--checks", "none", "--out", str(out), "--quiet"])
+    except SystemExit as stop:
+        code = int(stop.code)
+    err = capsys.readouterr().err
+    assert code == 2 and "--defend: " in err and "black-box" in err and "Traceback" not in err
+    assert not out.exists()

@@ -22,6 +22,7 @@ from .cw import CW
 from .fab import FABT
 from .fgsm import FGSM
 from .mifgsm import MIFGSM
+from .noise import RandomNoise
 from .foolbox_adapter import FoolboxAttack
 from .pgd import PGD
 from .square import Square
@@ -40,6 +41,7 @@ register_attack(APGD, summary="step-size-free PGD, cross-entropy")
 register_attack(APGDT, summary="targeted APGD, DLR loss, top-9 classes")
 register_attack(FABT, summary="targeted minimal-norm FAB")
 register_attack(MIFGSM, summary="momentum iterative FGSM", audit_options=("steps", "loss"), quick={"steps": 10})
+register_attack(RandomNoise, summary="random points of the eps ball, a baseline", quick={"draws": 10})
 register_attack(Cascade, summary="the standard cascade")
 
 
@@ -78,5 +80,5 @@ def get_attack(name: str, **options) -> Attack:
 
 
 __all__ = ["APGD", "APGDT", "FABT", "Cascade", "CascadeOutcome", "SUITES", "Attack", "AttackOutcome", "FGSM", "PGD", "CW", "FoolboxAttack", "Square", "get_attack", "restrict", "transfer", "ATTACKS",
-           "AttackEntry", "register_attack", "MIFGSM",
+           "AttackEntry", "register_attack", "MIFGSM", "RandomNoise",
            "bpda", "find_gradient_blockers", "is_random"]

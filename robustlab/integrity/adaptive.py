@@ -1,5 +1,7 @@
 """Which adaptive attacks to run, from the checks that failed (Athalye et al. 2018; Tramer et al. 2020).
 
+Each check's registration (robustlab.integrity.catalogue) names the planner its failure calls:
+
 - always (checks on): PGD with the margin loss ("pgd-margin"): it does not vanish where the softmax
   saturates (distillation, probability outputs) and costs one more PGD; it also feeds check 7;
 - gradients blocked: BPDA ("pgd-bpda") through the layers `find_gradient_blockers` names (identity
@@ -17,10 +19,14 @@ the balls are nested, so an attack that was needed at eps is needed at every lar
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 
 from robustlab.attacks import PGD
 
+from . import catalogue
 from .base import CheckResult, Extra, ModelContext
 from .probes import published_square, stronger_pgd
 
@@ -39,57 +45,95 @@ def margin_pgd(ctx: ModelContext) -> Extra | None:
                  reason="always run with the checks: the margin loss does not vanish where the softmax saturates")
 
 
+@dataclass
+class _Planning:
+    """The plan being built from the failed checks (one planner per registry `adaptive` key)."""
+
+    ctx: ModelContext
+    steps: int
+    extras: list[Extra] = field(default_factory=list)
+    notes: list[dict] = field(default_factory=list)
+    square_eps: set[float] = field(default_factory=set)
+    gradient_cause: bool = False  # BPDA or EoT addresses the failure: no blanket Square
+    square_wanted: bool = False  # a check whose failure calls for Square when no gradient cause is found
+
+
+def _plan_bpda(state: _Planning, result: CheckResult) -> None:
+    state.gradient_cause = True
+    blocked = _bpda(state.ctx, state.steps)
+    if isinstance(blocked, Extra):
+        state.extras.append(blocked)
+    else:
+        state.notes.append({"model": state.ctx.mut.name, "attack": "pgd-bpda", "check": result.check, "reason": blocked})
+        state.square_eps.update(state.ctx.eps)
+
+
+def _plan_eot(state: _Planning, result: CheckResult) -> None:
+    state.gradient_cause = True
+    state.extras.append(Extra(label="pgd-eot", attack=PGD(norm=state.ctx.norm, steps=state.steps, loss="margin",
+                                                           eot_samples=EOT_SAMPLES),
+                              check=result.check,
+                              reason=f"random forward pass: PGD with the gradient averaged over {EOT_SAMPLES} passes (EoT)"))
+
+
+def _plan_black_box(state: _Planning, result: CheckResult) -> None:
+    ctx = state.ctx
+    upward = _at_and_above(ctx, result.eps)
+    for source in result.evidence.get("failed_by", []):
+        if source == "square":
+            state.square_eps.update(upward)
+        elif source == "transfer" and ctx.surrogate is not None:
+            state.extras.append(Extra(label="transfer", attack=(ctx.attack("pgd") or PGD(norm=ctx.norm)).replace(eps=None),
+                                      check=result.check, source=ctx.surrogate, transfer=True, eps=upward,
+                                      reason="transfer from the surrogate broke points the white-box attacks missed"))
+
+
+def _plan_stronger_pgd(state: _Planning, result: CheckResult) -> None:
+    state.extras.append(Extra(label="pgd-strong", attack=stronger_pgd(state.ctx).replace(eps=None), check=result.check,
+                              eps=_at_and_above(state.ctx, result.eps),
+                              reason="PGD had not converged: twice the steps and one more restart, on every sample"))
+
+
+def _plan_square(state: _Planning, result: CheckResult) -> None:
+    state.square_wanted = True
+
+
+# registry `adaptive` key -> planner (robustlab.integrity.catalogue.ADAPTIVE)
+PLANNERS: dict[str, Callable[[_Planning, CheckResult], None]] = {
+    "bpda": _plan_bpda, "eot": _plan_eot, "black-box": _plan_black_box, "stronger-pgd": _plan_stronger_pgd,
+    "square": _plan_square}
+_SQUARE_REASONS = ("bpda", "eot", "black-box", "square")  # planners whose checks are named in Square's reason
+
+
 def plan(ctx: ModelContext, results: list[CheckResult]) -> tuple[list[Extra], list[dict]]:
-    """Adaptive attacks for the failed checks, and notes on those that could not be run."""
-    failed = [r for r in results if r.status == "fail"]
-    names = {r.check for r in failed}
-    extras: list[Extra] = []
-    notes: list[dict] = []
-    square_eps: set[float] = set()
-    steps = max(ADAPTIVE_STEPS, 2 * (getattr(ctx.attack("pgd"), "steps", 0) or 0))
-    if "gradients" in names:
-        blocked = _bpda(ctx, steps)
-        if isinstance(blocked, Extra):
-            extras.append(blocked)
-        else:
-            notes.append({"model": ctx.mut.name, "attack": "pgd-bpda", "check": "gradients", "reason": blocked})
-            square_eps.update(ctx.eps)
-    if "determinism" in names:
-        extras.append(Extra(label="pgd-eot", attack=PGD(norm=ctx.norm, steps=steps, loss="margin",
-                                                         eot_samples=EOT_SAMPLES),
-                            check="determinism",
-                            reason=f"random forward pass: PGD with the gradient averaged over {EOT_SAMPLES} passes (EoT)"))
-    for r in failed:
-        upward = _at_and_above(ctx, r.eps)
-        if r.check == "black-box":
-            for source in r.evidence.get("failed_by", []):
-                if source == "square":
-                    square_eps.update(upward)
-                elif source == "transfer" and ctx.surrogate is not None:
-                    extras.append(Extra(label="transfer", attack=(ctx.attack("pgd") or PGD(norm=ctx.norm)).replace(eps=None),
-                                        check="black-box", source=ctx.surrogate, transfer=True, eps=upward,
-                                        reason="transfer from the surrogate broke points the white-box attacks missed"))
-        elif r.check == "convergence":
-            extras.append(Extra(label="pgd-strong", attack=stronger_pgd(ctx).replace(eps=None), check="convergence",
-                                eps=upward, reason="PGD had not converged: twice the steps and one more "
-                                                   "restart, on every sample"))
-    if names & {"unbounded", "iterative-vs-single-step", "eps-monotonic"} and not names & {"gradients", "determinism"}:
-        square_eps.update(ctx.eps)
+    """Adaptive attacks for the failed checks (each check's registered planner), and notes on those
+    that could not be run."""
+    state = _Planning(ctx=ctx, steps=max(ADAPTIVE_STEPS, 2 * (getattr(ctx.attack("pgd"), "steps", 0) or 0)))
+    failed = [(r, catalogue.get(r.check)) for r in results if r.status == "fail"]
+    planned: set[tuple[str, str]] = set()
+    for r, spec in failed:
+        if spec is None or spec.adaptive is None:
+            continue
+        if spec.scope == "model" and (spec.id, spec.adaptive) in planned:
+            continue  # a model-wide check's attack runs once
+        planned.add((spec.id, spec.adaptive))
+        PLANNERS[spec.adaptive](state, r)
+    if state.square_wanted and not state.gradient_cause:
+        state.square_eps.update(ctx.eps)
     merged: dict[str, Extra] = {}
-    for e in extras:  # one row set per label: merge the eps lists of the same attack
+    for e in state.extras:  # one row set per label: merge the eps lists of the same attack
         kept = merged.get(e.label)
         if kept is not None and kept.eps is not None and e.eps is not None:
             kept.eps = sorted(set(kept.eps) | set(e.eps))
         else:
             merged.setdefault(e.label, e)
     extras = list(merged.values())
-    if square_eps:
-        why = sorted(names & {"black-box", "gradients", "determinism", "unbounded", "iterative-vs-single-step",
-                              "eps-monotonic"})
+    if state.square_eps:
+        why = sorted({r.check for r, spec in failed if spec is not None and spec.adaptive in _SQUARE_REASONS})
         extras.append(Extra(label="square", attack=published_square(ctx, None),
-                            check=", ".join(why), source=ctx.mut, eps=sorted(square_eps),
+                            check=", ".join(why), source=ctx.mut, eps=sorted(state.square_eps),
                             reason="a score-based attack, which needs no gradient, after: " + ", ".join(why)))
-    return extras, notes
+    return extras, state.notes
 
 
 def _at_and_above(ctx: ModelContext, eps: float | None) -> list[float]:

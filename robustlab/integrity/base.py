@@ -107,6 +107,24 @@ class ModelContext:
 
 
 @dataclass
+class CheckCall:
+    """What one run of a check can ask for (robustlab.integrity.runner builds it from the check's
+    scope and passes what the check's parameters name).
+
+    evidence: every targeted mode's per-sample results. mode/ev: the mode a "mode" or "eps" check
+    runs for; eps: the budget of an "eps" check. margin_label: the margin-loss PGD's row name.
+    """
+
+    ctx: ModelContext
+    evidence: dict[str, "ModeEvidence"]
+    clean_logits: torch.Tensor
+    margin_label: str | None = None
+    mode: str | None = None
+    ev: "ModeEvidence | None" = None
+    eps: float | None = None
+
+
+@dataclass
 class ModeEvidence:
     """Per-sample results of one targeted mode, indexed (target set, sample): robust, success."""
 

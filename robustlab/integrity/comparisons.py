@@ -72,8 +72,15 @@ def iterative_vs_single_step(ctx: ModelContext, ev: ModeEvidence, eps: float) ->
     return CheckResult(status="fail" if failed else "pass", evidence=evidence, **base)
 
 
-def margin_vs_ce(ctx: ModelContext, ev: ModeEvidence, eps: float, ce: str, margin: str) -> CheckResult:
+def margin_vs_ce(ctx: ModelContext, ev: ModeEvidence, eps: float, margin_label: str | None) -> CheckResult:
+    """The audit's cross-entropy PGD against the margin-loss PGD the checks always run."""
     base = dict(model=ctx.mut.name, check="margin-vs-ce", norm=ctx.norm, eps=eps, targeted=ev.mode)
+    pgd = ctx.attack("pgd")
+    if pgd is None:
+        return CheckResult(status="skipped", reason="no cross-entropy PGD in the audit", **base)
+    if pgd.loss == "margin":  # type: ignore[attr-defined]
+        return CheckResult(status="skipped", reason="the audit's PGD already uses the margin loss", **base)
+    ce, margin = "pgd", margin_label or "pgd-margin"
     if (ce, eps) not in ev.success or (margin, eps) not in ev.success:
         return CheckResult(status="skipped", reason="needs a cross-entropy and a margin-loss PGD", **base)
     only_margin, only_ce, n = _swap(ev, ce, margin, eps)

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from robustlab.attacks import PGD, Attack, AttackOutcome, Square
+from robustlab.attacks import PGD, Attack, AttackOutcome, RandomNoise, Square
 from robustlab.attacks.base import transfer
 from robustlab.attacks.square import PUBLISHED
 
@@ -42,8 +42,10 @@ from .stats import wilson
 DROP_TOLERANCE = 0.02
 PROBE_SAMPLES = {"default": 64, "strict": None}  # None: every robust row
 SQUARE_QUERIES = {"default": 300, "strict": PUBLISHED["queries"]}  # the black-box probe's Square budget
-STREAM = {"convergence": 11, "black-box": 12}
-LABELS = {"convergence": "probe:pgd-strong", "black-box": "probe:square", "transfer": "probe:transfer"}
+STREAM = {"convergence": 11, "black-box": 12, "random-noise": 13}
+LABELS = {"convergence": "probe:pgd-strong", "black-box": "probe:square", "transfer": "probe:transfer",
+          "random-noise": "probe:noise"}
+NOISE_DRAWS = 100  # random points per probed row
 
 
 def _rows(ctx: ModelContext, ev: ModeEvidence, eps: float, limit: int | None,
@@ -113,6 +115,22 @@ def convergence(ctx: ModelContext, ev: ModeEvidence, eps: float) -> CheckResult:
     evidence.update(steps=strong.steps, restarts=strong.restarts, loss=strong.loss, kept_as=LABELS["convergence"])
     return CheckResult(status="fail" if failed else "pass", evidence=evidence, seconds=time.perf_counter() - started,
                        found=_found(LABELS["convergence"], ev, eps, parts), **base)
+
+
+def random_noise(ctx: ModelContext, ev: ModeEvidence, eps: float) -> CheckResult:
+    """NOISE_DRAWS random points of the eps ball on the rows every attack left robust (queried on the
+    audited model itself: noise needs no gradient)."""
+    base = dict(model=ctx.mut.name, check="random-noise", norm=ctx.norm, eps=eps, targeted=ev.mode)
+    rows, total = _rows(ctx, ev, eps, PROBE_SAMPLES.get(ctx.level), STREAM["random-noise"])
+    m = sum(len(i) for _, i in rows)
+    if m == 0:
+        return _nothing_to_probe(base)
+    b, parts = probe(ctx, ev, eps, RandomNoise(norm=ctx.norm, eps=eps, draws=NOISE_DRAWS), rows, source=ctx.mut,
+                     via_transfer=False)
+    failed, evidence = _judge(b, m, total, len(ctx.y))
+    evidence.update(draws=NOISE_DRAWS, kept_as=LABELS["random-noise"])
+    return CheckResult(status="fail" if failed else "pass", evidence=evidence,
+                       found=_found(LABELS["random-noise"], ev, eps, parts), **base)
 
 
 def published_square(ctx: ModelContext, eps: float | None, queries: int | None = None) -> Square:

@@ -32,8 +32,7 @@ from robustlab.errors import InputError, VerificationError
 from robustlab.integrity import LEVELS
 from robustlab.integrity.base import Extra, Found, ModeEvidence, ModelContext
 from robustlab.model import ModelUnderTest, RobustlabWarning
-from robustlab.results import (SUMMARY_COLUMNS, WORST_CASE, AuditResult, certified_label, example_key, is_certified,
-                               sample_frame)
+from robustlab.results import SUMMARY_COLUMNS, WORST_CASE, AuditResult, certified_label, example_key, sample_frame
 from robustlab.verdicts import evaluate as evaluate_verdicts
 from robustlab.threat import Bounds, get_norm
 
@@ -65,6 +64,7 @@ class _Plan:
     explain: list[str] = field(default_factory=list)  # explanation stages (robustlab.explaining)
     suite: str = DEFAULT_SUITE  # the cascade run beside the attacks, or "none"
     certify: tuple[str, float | None] | None = None  # (method, sigma): robustlab.certify beside the attacks
+    smoothed: dict[str, ModelUnderTest] = field(default_factory=dict)  # certify=smoothing: each model's smoothed twin
 
 
 def audit(
@@ -133,7 +133,10 @@ def audit(
         Rows "certified:ibp" / "certified:crown" / "certified:smoothing(sigma=S)" hold `certified_accuracy`
         (robust_accuracy NaN; they join no worst case); IBP/CROWN's also lands on the worst-case row, so one
         row holds the bracket [certified_accuracy, robust_accuracy]. Smoothing certifies the smoothed
-        classifier, not the model, so its figure stays on its own row. A model with a layer the bounds do not
+        classifier, not the model: with smoothing each model's smoothed classifier is audited as a model of its
+        own, "MODEL+smoothing0.25" (robustlab.certify.smoothed): EoT-PGD on its soft prediction beside its
+        certificate, its clean prediction Cohen et al.'s PREDICT (abstentions count as not robust), and the
+        bracket on its worst-case row. A model with a layer the bounds do not
         support is skipped with the reason in metadata["certify"][model]. A sample certified at eps and broken
         by an attack at eps (or a smaller one) raises VerificationError: a bug in one of the two.
     """
@@ -153,8 +156,10 @@ def audit(
     examples: dict[str, np.ndarray] = {}
     explained: dict = {}
     certified: dict[str, dict] = {}
-    for model_name, mut in plan.models.items():
-        s, f, used, shown, integrity, explanation = _audit_one(mut, plan, say, certified)
+    smoothed_plan = _smoothed_plan(plan)
+    for model_name, mut in [*plan.models.items(), *plan.smoothed.items()]:
+        s, f, used, shown, integrity, explanation = _audit_one(mut, plan if model_name in plan.models
+                                                               else smoothed_plan, say, certified)
         if explanation is not None:
             explained[model_name] = explanation
         summaries.extend(s)
@@ -175,13 +180,14 @@ def audit(
                           "checks": plan.checks, "suite": plan.suite, "certify": certify_spec(plan.certify)})
     if plan.certify is not None:
         metadata["certify"] = certified
+        metadata["models"].update({name: mut.describe() for name, mut in plan.smoothed.items()})
     if plan.checks == "none":
         metadata["checks"] = {"level": "none"}
     else:
         metadata["checks"] = {"level": plan.checks, "results": check_results, "adaptive": adaptive,
                               "seconds": round(check_seconds, 3)}
-    attacked_rows = summary[~summary["attack"].map(is_certified)] if len(summary) else summary
-    metadata["evaluation"] = evaluate_verdicts(attacked_rows, check_results, level=plan.checks, norm=plan.norm)
+    # certificate rows join no evaluation; each record carries its threat model's certified lower bound
+    metadata["evaluation"] = evaluate_verdicts(summary, check_results, level=plan.checks, norm=plan.norm)
     _mark_black_box(metadata["evaluation"], plan)
     metadata["definitions"]["evaluation"] = (
         "per (model, norm, eps, targeted): the worst-case robust accuracy with its 95% Wilson interval over n, and "
@@ -297,9 +303,44 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
     shapes = {mut.inspection.num_classes for mut in models.values()}
     if len(shapes) > 1:
         raise InputError("model", f"models audited together must have the same classes; got class counts {sorted(shapes)}")
+    smoothed = _smoothed_models(models, certifying, int(seed), dataset)
     return _Plan(models=models, data=dataset, attacks=built, eps=eps_list, norm=geometry.name, modes=modes,
                  seed=int(seed), batch_size=batch_size, device=dev, checks=checks, surrogate=surrogate,
-                 explain=stages, suite=suite, certify=certifying)
+                 explain=stages, suite=suite, certify=certifying, smoothed=smoothed)
+
+
+def _smoothed_models(models: dict[str, ModelUnderTest], certifying: tuple[str, float | None] | None, seed: int,
+                     dataset: Dataset) -> dict[str, ModelUnderTest]:
+    """certify=smoothing: the smoothed classifier of every differentiable model, audited as a model of its own
+    (robustlab.certify.smoothed); a black-box or transfer-only model has no gradient to attack it with."""
+    if certifying is None or certifying[0] != "smoothing":
+        return {}
+    from robustlab.certify.smoothed import inspect_quietly, smoothed_model
+
+    sigma = certifying[1]
+    assert sigma is not None
+    out: dict[str, ModelUnderTest] = {}
+    for mut in models.values():
+        if black_box(mut) or needs_transfer(mut):
+            continue
+        twin = smoothed_model(mut, sigma, seed=seed)
+        if twin.name in models:
+            raise InputError("certify", f"a model is named {twin.name!r}, the name of {mut.name!r}'s smoothed "
+                                        "classifier; rename it")
+        inspect_quietly(twin, validate_inputs(twin, dataset.x))
+        out[twin.name] = twin
+    return out
+
+
+def _smoothed_plan(plan: _Plan) -> _Plan:
+    """How a smoothed classifier is audited: EoT-PGD on its soft prediction, untargeted, no cascade, no
+    checks or explanations (the checks' adaptive attacks are for the base model), and its certificate."""
+    import dataclasses
+
+    from robustlab.certify.smoothed import EoTPGD
+
+    return dataclasses.replace(plan, models=plan.smoothed, attacks=[EoTPGD(norm=plan.norm)], modes=["none"],
+                               checks="none", explain=[], suite="none")
 
 
 CERTIFY_METHODS = ("ibp", "crown", "smoothing")
@@ -515,6 +556,11 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress,
     x, y, ids = data.x, data.y, data.indices
     logits, used_batch = _clean_logits(mut, x, plan.batch_size)
     clean_pred = logits.argmax(dim=1)
+    smoothing_base = getattr(mut, "smoothing_of", None)  # a smoothed classifier (robustlab.certify.smoothed)
+    if smoothing_base is not None:  # its prediction is PREDICT's: -1 where it abstains, never correct
+        from robustlab.certify.smoothed import smoothed_prediction
+
+        clean_pred = smoothed_prediction(mut, x, ids, seed=plan.seed, batch_size=plan.batch_size)
     clean_correct = clean_pred == y
     clean_acc = float(clean_correct.double().mean())
     say(f"{mut.name}: clean accuracy {clean_acc:.1%} on {len(x)} samples")
@@ -604,12 +650,24 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress,
                                     background=x, seed=plan.seed, batch_size=plan.batch_size,
                                     differentiable=not via_surrogate and not black_box(mut), say=say)
     certificates: dict[float, Any] = {}
-    if plan.certify is not None:
-        certificates, certified[mut.name] = _certify_one(mut, plan, x, y, ids, "none" in states, say)
+    smoothing = plan.certify is not None and plan.certify[0] == "smoothing"
+    certified_name = mut.name
+    if smoothing and smoothing_base is None:  # the smoothed classifier's certificate: on its own model's rows
+        from robustlab.certify.smoothed import smoothed_name
+
+        assert plan.certify is not None and plan.certify[1] is not None
+        certified_name = smoothed_name(mut.name, plan.certify[1])
+    if plan.certify is not None and certified_name in plan.smoothed and certified_name != mut.name:
+        certified[mut.name] = {"method": "smoothing", "sigma": plan.certify[1], "status": "smoothed",
+                               "smoothed_model": certified_name}
+    elif plan.certify is not None:
+        certificates, certified[certified_name] = _certify_one(smoothing_base or mut, plan, x, y, ids,
+                                                               "none" in states, say)
         for eps, outcome in certificates.items():
-            summaries.append(_certified_rows(mut.name, plan, eps, outcome, x, y, ids, clean_pred, clean_correct,
-                                             rows))
-    bracket = {e: o for e, o in certificates.items() if o.method in ("ibp", "crown")}
+            summaries.append(_certified_rows(certified_name, plan, eps, outcome, x, y, ids, clean_pred,
+                                             clean_correct, rows))
+    # the bracket [certified, attacked] on the worst-case row: of the same classifier only
+    bracket = {e: o for e, o in certificates.items() if o.method in ("ibp", "crown") or smoothing_base is not None}
     for mode, state in states.items():
         others = [s for m, s in states.items() if m != mode] if mode == "none" else []
         mine = bracket if mode == "none" else {}
@@ -626,7 +684,15 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress,
                 worst["certified_accuracy"] = mine[eps].certified_accuracy
             summaries.append(worst)
         for eps, outcome in mine.items():
-            _check_consistency(mut.name, plan.norm, eps, outcome, state, others, ids)
+            if outcome.method != "smoothing":
+                _check_consistency(mut.name, plan.norm, eps, outcome, state, others, ids)
+                continue
+            # a smoothing certificate holds with probability 1 - alpha, for the hard smoothed classifier: the
+            # samples it certifies that EoT-PGD broke (on the soft one) are counted, not an error
+            from robustlab.certify.smoothed import broken_certified
+
+            broken = broken_certified(outcome, [b for (_, e), b in state.blocks.items() if e <= eps + 1e-9])
+            certified[mut.name].setdefault("certified_and_broken", {})[format(eps, "g")] = broken
     return summaries, sample_frame(rows), used_batch, examples, integrity, explanation
 
 

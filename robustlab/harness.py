@@ -41,7 +41,6 @@ DEFAULT_SUITE = "standard"  # the cascade that runs beside the attacks (robustla
 DEFAULT_EPS = (0.05, 0.1, 0.2)
 TRANSFER_NOTE = "transfer from surrogate"
 BLACK_BOX_REASON = "black-box model: white-box attacks and the standard suite did not run"
-BLACK_BOX_SKIP = "the model is black-box (no gradient): only gradient-free attacks and transfer ran"
 
 Progress = Callable[[str], None]
 
@@ -464,25 +463,17 @@ def _model_attacks(mut: ModelUnderTest, plan: "_Plan", say: Progress) -> list[tu
 
 def _black_box_checks(mut: ModelUnderTest, plan: "_Plan", x, y, ids, clean_correct, logits, states,
                       say: Progress) -> dict:
-    """The integrity checks that need no gradient (logits, determinism, eps-monotonic); the others are
-    recorded as skipped with the reason."""
-    from robustlab.integrity import comparisons, model_checks
-    from robustlab.integrity.base import CheckResult
+    """The integrity checks registered as needing no gradient (logits, determinism, eps-monotonic); the
+    others are recorded as skipped with the reason."""
+    from robustlab.integrity.runner import run_checks
 
     started = time.perf_counter()
     ctx = ModelContext(mut=mut, source=mut, via_transfer=False, x=x, y=y, ids=ids, clean_correct=clean_correct,
                        norm=plan.norm, eps=list(plan.eps), seed=plan.seed, batch_size=plan.batch_size,
                        level=plan.checks, attacks=list(plan.attacks))
     say(f"{mut.name}: integrity checks ({plan.checks}, black-box: those without gradients)")
-    results = [model_checks.logits(ctx, logits), model_checks.determinism(ctx)]
-    for mode, state in states.items():
-        labels = list(dict.fromkeys(label for (label, _) in state.evidence.robust))
-        results.append(comparisons.eps_monotonic(ctx, state.evidence, labels))
-    for check in ("gradients", "unbounded", "iterative-vs-single-step", "margin-vs-ce", "convergence", "black-box"):
-        results.append(CheckResult(model=mut.name, check=check, status="skipped", reason=BLACK_BOX_SKIP))
-    for r in results:
-        r.norm = r.norm if r.norm is not None or r.check in ("gradients", "logits", "determinism", "unbounded") \
-            else plan.norm
+    evidence = {mode: state.evidence for mode, state in states.items()}
+    results = run_checks(ctx, evidence, logits, None, black_box=True)
     return {"results": [r.to_dict() for r in results], "adaptive": [], "seconds": time.perf_counter() - started}
 
 

@@ -529,6 +529,64 @@ def test_junit_xml_carries_each_gates_figures(project):
     assert float(failing["robustlab.gate.0.measured"]) < 0.9
 
 
+# ---------------------------------------------------------------------------- certificates (issue 16)
+CERTIFIED = """
+import pytest
+
+@pytest.mark.robustness(attack="pgd", eps=0.01, min_accuracy=0.5, steps=5, name="linear")
+def test_certified(robustlab, model, data):
+    robustlab.check(model, data, certify="ibp", min_certified_accuracy=0.5, suite="none")
+
+@pytest.mark.robustness(attack="pgd", eps=0.05, steps=5, name="linear")
+def test_certified_too_high(robustlab, model, data):
+    robustlab.check(model, data, certify="ibp", min_certified_accuracy=0.9, suite="none")
+
+@pytest.mark.robustness(attack="pgd", eps=0.01, steps=5, name="linear")
+def test_no_certificates(robustlab, model, data):
+    robustlab.check(model, data, min_certified_accuracy=0.5, suite="none")
+"""
+
+
+def test_check_passes_certify_and_gates_certified_accuracy(project):
+    """check(certify=..., min_certified_accuracy=...): the audit certifies (IBP; exact on a linear model),
+    the gate reads the certificate row at each eps, and a certified threshold without certify= is refused
+    before any audit runs."""
+    project.makepyfile(test_gate=CERTIFIED)
+    run = project.runpytest_inprocess("-p", "no:cacheprovider", "--robustlab-report", "rep")
+    run.assert_outcomes(passed=1, failed=2)
+    out = run.stdout.str()
+    rep = project.path / "rep"
+    assert ("InputError: min_certified_accuracy: min_certified_accuracy=0.5 needs certificates: add "
+            "certify='ibp', 'crown' or 'smoothing[:SIGMA]'") in out
+    session = json.loads((rep / "session.json").read_text())
+    assert "test_gate.py::test_no_certificates" not in {a["test"] for a in session["audits"]}  # refused before work
+    assert not (rep / "test_gate.py__test_no_certificates").exists()
+    gates_of = {(g["test"], g["attack"]): g for g in session["gates"]}
+    passing = gates_of[("test_gate.py::test_certified", "certified:ibp")]
+    row = _summary_row(rep / "test_gate.py__test_certified", "certified:ibp", 0.01)
+    assert passing["certified_accuracy"] == row["certified_accuracy"] >= 0.5
+    assert (passing["required"], passing["outcome"], passing["passed"]) == (0.5, "meets", True)
+    assert passing["interval"][0] < passing["certified_accuracy"] < passing["interval"][1]
+    worst = gates_of[("test_gate.py::test_certified", "worst-case")]
+    assert worst["certified_accuracy"] == row["certified_accuracy"] <= worst["robust_accuracy"]  # the bracket
+    assert worst["basis"] == "certified"  # the certified lower bound itself meets min_accuracy=0.5
+    failing = gates_of[("test_gate.py::test_certified_too_high", "certified:ibp")]
+    high = _summary_row(rep / "test_gate.py__test_certified_too_high", "certified:ibp", 0.05)
+    assert failing["certified_accuracy"] == high["certified_accuracy"] < 0.9 and failing["passed"] is False
+    assert (f"FAIL model 'linear', attack certified:ibp at linf eps=0.05 (untargeted): certified_accuracy "
+            f"measured {high['certified_accuracy']:.4g}, required >= 0.9 (min_certified_accuracy): does not meet") in out
+    # the certified judgement travels with the results, into the report
+    saved = robustlab.load(rep / "test_gate.py__test_certified")
+    assert {(j["metric"], j["outcome"]) for j in saved.metadata["requirements"]} == {
+        ("robust_accuracy", "meets"), ("certified_accuracy", "meets")}
+    run.stdout.fnmatch_lines([  # the gated worst case, then the certificate row the certified threshold read
+        "*test_gate.py::test_certified * linear * worst-case * linf 0.01 * >= 0.500: meets: certified * PASS",
+        "*test_gate.py::test_certified * linear * certified:ibp * linf 0.01 * certified 0.* ?0.*, *? * "
+        ">= 0.500: meets * PASS",
+        "*test_gate.py::test_certified_too_high * certified:ibp * linf 0.05 * >= 0.900: does not meet * FAIL",
+    ])
+
+
 # ---------------------------------------------------------------------------- terminal reporter (issue 12)
 RECORDING_CONFTEST = """
 

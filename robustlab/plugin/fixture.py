@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from .files import dir_name, render_report
-from .marker import AUDIT_OPTIONS, MARKER, MARKER_DEFAULTS, audit_kwargs
+from .marker import AUDIT_OPTIONS, GATE_OPTIONS, MARKER, MARKER_DEFAULTS, audit_kwargs
 from .records import gate_records, jsonable, junit_properties, row_key, summary_records
 from .session import Session
 
@@ -63,11 +63,11 @@ class Gate:
         return merged
 
     def _merge(self, overrides: dict) -> dict:
-        allowed = set(MARKER_DEFAULTS) | set(AUDIT_OPTIONS)
-        unknown = sorted(k for k in overrides if k not in allowed)
+        names = list(MARKER_DEFAULTS) + list(AUDIT_OPTIONS) + list(GATE_OPTIONS)
+        unknown = sorted(k for k in overrides if k not in names)
         if unknown:
             raise TypeError(f"robustlab fixture: unknown argument(s) {', '.join(map(repr, unknown))}; allowed: "
-                            f"{', '.join(list(MARKER_DEFAULTS) + list(AUDIT_OPTIONS))}")
+                            f"{', '.join(names)}")
         merged = self.options
         merged.update(overrides)
         if "attacks" in overrides:
@@ -90,27 +90,31 @@ class Gate:
         """Audit `model` as the marker (and `options`) say, and fail the test if a gate fails.
 
         Gates: worst-case robust accuracy (over every attack, suite member, probe and adaptive attack
-        the audit ran) >= min_accuracy at every eps, clean accuracy >= min_clean_accuracy, and, with
-        --robustlab-baseline and --robustlab-compare-fail, no regression against this test's baseline.
-        Returns the AuditResult.
+        the audit ran) >= min_accuracy at every eps, clean accuracy >= min_clean_accuracy, certified
+        accuracy >= min_certified_accuracy (with certify='ibp', 'crown' or 'smoothing[:SIGMA]': the
+        audit's certificate row at each eps), and, with --robustlab-baseline and
+        --robustlab-compare-fail, no regression against this test's baseline. Returns the AuditResult.
         """
         __tracebackhide__ = True
         from robustlab import gates
 
         config = self._merge(options)
-        if config["min_accuracy"] is None and config["min_clean_accuracy"] is None and not self._compares():
+        thresholds = {k: config.get(k) for k in ("min_accuracy", "min_clean_accuracy", "min_certified_accuracy")}
+        if all(v is None for v in thresholds.values()) and not self._compares():
             raise TypeError("robustlab.check: nothing to gate; give min_accuracy (or min_clean_accuracy) in "
-                            f"@pytest.mark.{MARKER}(...) or to check(), or compare with --robustlab-baseline "
-                            "and --robustlab-compare-fail")
-        for key in ("min_accuracy", "min_clean_accuracy"):  # bad thresholds fail before any attack runs
-            gates.check_fraction(key, config[key])
+                            f"@pytest.mark.{MARKER}(...) or to check(), min_certified_accuracy to check(), or "
+                            "compare with --robustlab-baseline and --robustlab-compare-fail")
+        for key, value in thresholds.items():  # bad thresholds fail before any attack runs
+            gates.check_fraction(key, value)
+        certified = thresholds.pop("min_certified_accuracy")
+        if certified is not None:  # a certified threshold without certificates fails before any work too
+            gates.check_certify(certify=config.get("certify"), min_certified_accuracy=certified, argument="certify=")
+            thresholds["min_certified_accuracy"] = certified
         result = self._run(model, data, config, require_eps=True, save=False)
         checks = []
-        if config["min_accuracy"] is not None or config["min_clean_accuracy"] is not None:
-            checks += gates.evaluate_robust(result, attack=WORST_CASE, eps=config["eps"],
-                                            min_accuracy=config["min_accuracy"],
-                                            min_clean_accuracy=config["min_clean_accuracy"], norm=config["norm"],
-                                            targeted=config["targeted"])
+        if any(v is not None for v in thresholds.values()):
+            checks += gates.evaluate_robust(result, attack=WORST_CASE, eps=config["eps"], norm=config["norm"],
+                                            targeted=config["targeted"], **thresholds)
         checks += self._regression_checks(result, None, None)
         self._finish(result, checks, gated=gates.select_rows(
             result.summary, attack=WORST_CASE, eps=config["eps"], norm=config["norm"],

@@ -1,7 +1,8 @@
 """@pytest.mark.robustness: its arguments, and how a merged configuration becomes robustlab.audit's.
 
 The marker describes the gate (what runs, at which eps, which thresholds); check() and audit()
-take the same keywords plus AUDIT_OPTIONS, passed straight to robustlab.audit. The session's
+take the same keywords plus AUDIT_OPTIONS, passed straight to robustlab.audit, and check() the
+GATE_OPTIONS (a certified-accuracy threshold, with certify= in the same call). The session's
 device, seed and quick flag come from the options, never from the marker.
 """
 
@@ -19,6 +20,8 @@ MARKER_DEFAULTS: dict[str, Any] = {
 # Further keyword arguments check()/audit() pass straight to robustlab.audit.
 AUDIT_OPTIONS = ("attacks", "seed", "bounds", "mean", "std", "classes", "output", "batch_size", "loss", "checks",
                  "explain", "suite", "certify")
+# Thresholds check() takes beyond the marker's: certified accuracy needs certify= (an audit option) beside it.
+GATE_OPTIONS = ("min_certified_accuracy",)
 MARKER_HELP = (f"{MARKER}(attack='pgd', eps=..., min_accuracy=..., norm='linf', targeted='none', n=None, steps=None, "
                "restarts=None, min_clean_accuracy=None, name=None): a robustness gate, run by the `robustlab` "
                "fixture's check(); it reads the worst case over every attack the audit ran")

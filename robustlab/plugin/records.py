@@ -34,22 +34,34 @@ def gate_records(nodeid: str, checks: list, gated: Any, where: str | None,
                          "evaluation": found(model, norm, eps, targeted) or "not evaluated",
                          "required": None, "required_clean": None, "outcome": None,
                          "baseline": num(before.get(key)), "passed": True, "checks": [],
-                         "failures": [], "results_dir": where}
+                         "failures": [], "results_dir": where,
+                         "certified_accuracy": None, "basis": None}
         return rows[key]
 
     if gated is not None:
         for _, row in gated.iterrows():
             key = row_key(row.to_dict())
-            record(key, row["clean_accuracy"], row["robust_accuracy"], int(row["n"]))
+            entry = record(key, row["clean_accuracy"], row["robust_accuracy"], int(row["n"]))
+            if num(row.get("certified_accuracy")) is not None:  # the bracket's lower end, where certified
+                entry["certified_accuracy"] = num(row.get("certified_accuracy"))
     for check in checks:
-        if row_key(check.to_dict()) not in rows and check.passed:
-            continue  # regression checks on rows no gate looks at are shown only when they fail
         key = row_key(check.to_dict())
+        if check.kind == "regression" and key not in rows and check.passed:
+            continue  # regression checks on rows no gate looks at are shown only when they fail
+        if check.kind == "min_certified_accuracy" and not key[1].startswith("certified"):
+            key = (key[0], "certified", *key[2:])  # no certificate row (model skipped): a row of its own
         entry = record(key, check.clean_accuracy,
                        check.measured if check.metric == "robust_accuracy" else None, check.n)
         if check.kind == "min_accuracy":
             entry["required"] = check.required
             entry["outcome"] = check.outcome
+            if getattr(check, "proven", False):  # the certified lower bound itself met it
+                entry["basis"] = check.basis
+        elif check.kind == "min_certified_accuracy":  # a certificate row (attack "certified:METHOD")
+            entry["required"] = check.required
+            entry["outcome"] = check.outcome
+            entry["certified_accuracy"] = num(check.measured)
+            entry["interval"] = list(check.interval) if check.interval else None
         elif check.kind == "min_clean_accuracy":
             entry["required_clean"] = check.required
         elif check.kind == "regression" and check.metric == "robust_accuracy":

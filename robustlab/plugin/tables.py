@@ -55,14 +55,19 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 
 def _robust_cell(g: dict) -> str:
-    if g.get("robust_accuracy") is None:
+    """The figure with its interval; a certificate row's is its certified accuracy (a proven lower bound)."""
+    figure, label = g.get("robust_accuracy"), ""
+    if figure is None and g.get("certified_accuracy") is not None:
+        figure, label = g["certified_accuracy"], "certified "
+    if figure is None:
         return "-"
     low_high = g.get("interval")
-    return _fmt(g["robust_accuracy"]) + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
+    return label + _fmt(figure) + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
 
 
 def _requirement_cell(g: dict) -> str:
     """'>= 0.500: meets', or '-' where no threshold was set (a regression gate only)."""
     if g.get("required") is None:
         return "-" if g.get("required_clean") is None else f"clean >= {g['required_clean']:.3f}"
-    return f">= {g['required']:.3f}: {g.get('outcome') or '-'}"
+    basis = f": {g['basis']}" if g.get("basis") else ""  # "meets: certified": the lower bound met it
+    return f">= {g['required']:.3f}: {g.get('outcome') or '-'}{basis}"

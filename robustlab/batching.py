@@ -1,7 +1,8 @@
 """Run work over a data set in batches, halving the batch size on out-of-memory.
 
 Because all randomness is seeded per sample (robustlab.seeding), the batch size chosen here never
-changes a result, only the speed.
+changes a result, only the speed. Given a `desc`, a run shows a progress bar over the samples
+(robustlab.progress), advanced from Python counters after each batch: no host sync.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from typing import Callable, TypeVar
 
 import torch
 
+from robustlab import progress
+from robustlab.log import get_logger
+
 T = TypeVar("T")
+_log = get_logger(__name__)
 
 DEFAULT_GPU_BATCH = 1024  # halved on out-of-memory until it fits
 CPU_INPUT_VALUES = 1 << 20  # ~1M input values per CPU batch: all digits at once, 341 CIFAR images, 32 at 224x224
@@ -39,19 +44,24 @@ class BatchRunner:
         self.batch_size = batch_size or default_batch_size(device, values_per_sample)
         self.device = device
 
-    def run(self, n: int, fn: Callable[[int, int], T]) -> list[T]:
+    def run(self, n: int, fn: Callable[[int, int], T], *, desc: str | None = None) -> list[T]:
+        """fn over [0, n) batch by batch; with `desc`, a progress bar counts the samples done."""
         results: list[T] = []
         start = 0
-        while start < n:
-            stop = min(n, start + self.batch_size)
-            try:
-                results.append(fn(start, stop))
-            except Exception as error:  # noqa: BLE001 - re-raised unless it is an OOM we can back off from
-                if not (self.automatic and is_out_of_memory(error)) or self.batch_size == 1:
-                    raise
-                self.batch_size = max(1, self.batch_size // 2)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            start = stop
+        with progress.bar(desc, total=n, unit="sample") if desc is not None else progress.OFF as bar:
+            while start < n:
+                stop = min(n, start + self.batch_size)
+                try:
+                    results.append(fn(start, stop))
+                except Exception as error:  # noqa: BLE001 - re-raised unless it is an OOM we can back off from
+                    if not (self.automatic and is_out_of_memory(error)) or self.batch_size == 1:
+                        raise
+                    self.batch_size = max(1, self.batch_size // 2)
+                    _log.debug("out of memory at batch size %d on %s; retrying with %d", stop - start,
+                               self.device, self.batch_size)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                bar.update(stop - start)
+                start = stop
         return results

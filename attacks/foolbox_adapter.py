@@ -62,7 +62,7 @@ class FoolboxAttack(Attack):
         """'linf' or 'l2' from the foolbox attack's distance, if it has one."""
         distance = getattr(self._foolbox_class()(**self.options), "distance", None)
         p = getattr(distance, "p", None)
-        return {float("inf"): "linf", 2: "l2"}.get(p)
+        return {float("inf"): "linf", 2.0: "l2"}.get(float(p)) if isinstance(p, (int, float)) else None
 
     def validate(self) -> None:
         self._foolbox_class()

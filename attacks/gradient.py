@@ -68,12 +68,12 @@ def draws_loss_and_gradient(model: ModelUnderTest, x: torch.Tensor, labels: torc
                                                 None if targets is None else targets.repeat(samples), loss)
         return (logits.reshape(samples, n, -1), value.reshape(samples, n).mean(0),
                 grad.reshape(samples, *x.shape).mean(0))
-    draws, value_sum, grad_sum = [], None, None
-    for _ in range(samples):
+    logits, value_sum, grad_sum = loss_and_gradient(model, x, labels, targets, loss)
+    draws = [logits]
+    for _ in range(samples - 1):
         logits, value, grad = loss_and_gradient(model, x, labels, targets, loss)
         draws.append(logits)
-        value_sum = value if value_sum is None else value_sum + value
-        grad_sum = grad if grad_sum is None else grad_sum + grad
+        value_sum, grad_sum = value_sum + value, grad_sum + grad
     return torch.stack(draws), value_sum / samples, grad_sum / samples
 
 

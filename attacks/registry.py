@@ -63,7 +63,7 @@ def register_attack(build: Callable[..., Attack], *, summary: str, name: str | N
                     norms: tuple[str, ...] = NORMS, follows_audit_norm: bool = True,
                     audit_options: tuple[str, ...] = (), quick: Mapping[str, int] | None = None) -> AttackEntry:
     """Register an attack under `name` (default: the class's `name`); returns its entry."""
-    key = (name or getattr(build, "name", "")).strip().lower()
+    key = str(name or getattr(build, "name", "") or "").strip().lower()
     if not key or key in _REGISTRY:
         raise ValueError(f"attack name {key!r} is empty or already registered")
     unknown = set(audit_options) - set(AUDIT_OPTIONS)

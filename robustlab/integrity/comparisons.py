@@ -8,6 +8,8 @@ sign test, p < ALPHA) and by a margin that matters.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 from robustlab.results import WORST_CASE
 
@@ -22,10 +24,10 @@ MARGIN_GAP = 0.05  # margin-only minus CE-only breaks, as a share of attacked ro
 def eps_monotonic(ctx: ModelContext, ev: ModeEvidence, labels: list[str]) -> CheckResult:
     """Per attack (and the worst case): samples robust at the larger eps but broken at the smaller."""
     eps_list = sorted(ctx.eps)
-    base = dict(model=ctx.mut.name, check="eps-monotonic", norm=ctx.norm, eps=None, targeted=ev.mode)
+    base: dict[str, Any] = dict(model=ctx.mut.name, check="eps-monotonic", norm=ctx.norm, eps=None, targeted=ev.mode)
     if len(eps_list) < 2:
         return CheckResult(status="skipped", reason="needs two or more eps values", **base)
-    pairs = []
+    pairs: list[dict[str, Any]] = []
     failed = False
     for label in labels + [WORST_CASE]:
         for lo, hi in zip(eps_list, eps_list[1:]):
@@ -58,7 +60,7 @@ def _counts(ev: ModeEvidence, weak: str, strong: str, eps: float) -> tuple[int, 
 
 
 def iterative_vs_single_step(ctx: ModelContext, ev: ModeEvidence, eps: float) -> CheckResult:
-    base = dict(model=ctx.mut.name, check="iterative-vs-single-step", norm=ctx.norm, eps=eps, targeted=ev.mode)
+    base: dict[str, Any] = dict(model=ctx.mut.name, check="iterative-vs-single-step", norm=ctx.norm, eps=eps, targeted=ev.mode)
     if ("fgsm", eps) not in ev.success or ("pgd", eps) not in ev.success:
         return CheckResult(status="skipped", reason="needs both fgsm and pgd in the audit", **base)
     if ctx.via_transfer:  # iterative attacks overfit the surrogate; single-step ones often transfer better
@@ -74,7 +76,7 @@ def iterative_vs_single_step(ctx: ModelContext, ev: ModeEvidence, eps: float) ->
 
 def margin_vs_ce(ctx: ModelContext, ev: ModeEvidence, eps: float, margin_label: str | None) -> CheckResult:
     """The audit's cross-entropy PGD against the margin-loss PGD the checks always run."""
-    base = dict(model=ctx.mut.name, check="margin-vs-ce", norm=ctx.norm, eps=eps, targeted=ev.mode)
+    base: dict[str, Any] = dict(model=ctx.mut.name, check="margin-vs-ce", norm=ctx.norm, eps=eps, targeted=ev.mode)
     pgd = ctx.attack("pgd")
     if pgd is None:
         return CheckResult(status="skipped", reason="no cross-entropy PGD in the audit", **base)

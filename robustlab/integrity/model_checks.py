@@ -6,6 +6,8 @@ gradient attack blind, at every eps and in every targeted mode.
 
 from __future__ import annotations
 
+from typing import Any
+
 import time
 
 import torch
@@ -51,7 +53,7 @@ def input_gradients(mut, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Te
 
 def gradients(ctx: ModelContext) -> CheckResult:
     started = time.perf_counter()
-    base = dict(model=ctx.mut.name, check="gradients", norm=None)
+    base: dict[str, Any] = dict(model=ctx.mut.name, check="gradients", norm=None)
     if ctx.via_transfer:
         return CheckResult(status="skipped", reason="the model is attacked through its surrogate (no gradient of "
                                                      "its own is used)", **base)
@@ -100,7 +102,7 @@ def determinism(ctx: ModelContext) -> CheckResult:
 def unbounded(ctx: ModelContext, evidence_by_mode: dict[str, ModeEvidence]) -> CheckResult:
     """PGD (margin loss, no random start) with eps = the whole box; and the minimal attacks' success."""
     started = time.perf_counter()
-    base = dict(model=ctx.mut.name, check="unbounded", norm=None)
+    base: dict[str, Any] = dict(model=ctx.mut.name, check="unbounded", norm=None)
     idx = _first_correct(ctx, UNBOUNDED_SAMPLES.get(ctx.level, 64))
     if len(idx) == 0:
         return CheckResult(status="skipped", reason="no correctly classified sample", **base)

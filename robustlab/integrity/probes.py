@@ -28,6 +28,8 @@ such as the standard cascade whose Square member has the published settings); el
 
 from __future__ import annotations
 
+from typing import Any
+
 import time
 
 import torch
@@ -104,7 +106,7 @@ def stronger_pgd(ctx: ModelContext) -> PGD:
 
 def convergence(ctx: ModelContext, ev: ModeEvidence, eps: float) -> CheckResult:
     started = time.perf_counter()
-    base = dict(model=ctx.mut.name, check="convergence", norm=ctx.norm, eps=eps, targeted=ev.mode)
+    base: dict[str, Any] = dict(model=ctx.mut.name, check="convergence", norm=ctx.norm, eps=eps, targeted=ev.mode)
     strong = stronger_pgd(ctx).replace(eps=eps)
     rows, total = _rows(ctx, ev, eps, PROBE_SAMPLES.get(ctx.level), STREAM["convergence"])
     m = sum(len(i) for _, i in rows)
@@ -120,7 +122,7 @@ def convergence(ctx: ModelContext, ev: ModeEvidence, eps: float) -> CheckResult:
 def random_noise(ctx: ModelContext, ev: ModeEvidence, eps: float) -> CheckResult:
     """NOISE_DRAWS random points of the eps ball on the rows every attack left robust (queried on the
     audited model itself: noise needs no gradient)."""
-    base = dict(model=ctx.mut.name, check="random-noise", norm=ctx.norm, eps=eps, targeted=ev.mode)
+    base: dict[str, Any] = dict(model=ctx.mut.name, check="random-noise", norm=ctx.norm, eps=eps, targeted=ev.mode)
     rows, total = _rows(ctx, ev, eps, PROBE_SAMPLES.get(ctx.level), STREAM["random-noise"])
     m = sum(len(i) for _, i in rows)
     if m == 0:
@@ -164,7 +166,7 @@ def _published_square_ran(ctx: ModelContext) -> str | None:
 def black_box(ctx: ModelContext, ev: ModeEvidence, eps: float) -> CheckResult:
     """Square (score-based) and, in strict mode with a surrogate, transfer, against the white-box worst case."""
     started = time.perf_counter()
-    base = dict(model=ctx.mut.name, check="black-box", norm=ctx.norm, eps=eps, targeted=ev.mode)
+    base: dict[str, Any] = dict(model=ctx.mut.name, check="black-box", norm=ctx.norm, eps=eps, targeted=ev.mode)
     rows, total = _rows(ctx, ev, eps, PROBE_SAMPLES.get(ctx.level), STREAM["black-box"])
     m = sum(len(i) for _, i in rows)
     if m == 0:

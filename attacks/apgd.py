@@ -235,7 +235,7 @@ def run_apgd(attack: APGD, model, x: torch.Tensor, y: torch.Tensor, aims: torch.
     s = _retire(s, hit, s.x_adv, result, found)
     prune_every_step = x.device.type in SYNC_FREE_DEVICES  # elsewhere fooled samples leave at checkpoints
     since_check = 0
-    for i in range(steps):
+    for i in attack.progress(range(steps)):
         if s.size == 0:
             break
         z = project(s, s.x_adv + expand_per_sample(s.step, s.x) * steepest(s.grad))

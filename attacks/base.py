@@ -16,13 +16,15 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterable, TypeVar
 
 import numpy as np
 import torch
 
+from robustlab import progress
 from robustlab.batching import BatchRunner
 from robustlab.errors import InputError
+from robustlab.log import get_logger
 from robustlab.model import ModelUnderTest
 from robustlab.threat import Norm, check_contained, contain, expand_per_sample, get_norm
 
@@ -32,6 +34,9 @@ from .losses import succeeded
 # Fresh forward passes that verify an attack run with EoT: one draw of a randomised model says
 # little (an iterate at the expected decision boundary fools about half of them).
 EOT_VERIFY_DRAWS = 100
+
+T = TypeVar("T")
+_log = get_logger(__name__)
 
 
 @dataclass
@@ -132,9 +137,18 @@ class Attack:
         started = time.perf_counter()
         with model.evaluating():
             parts = runner.run(len(x), lambda a, b: self._attack_slice(
-                model, x[a:b], y[a:b], None if targets is None else targets[a:b], sample_ids[a:b], eps, seed))
+                model, x[a:b], y[a:b], None if targets is None else targets[a:b], sample_ids[a:b], eps, seed),
+                desc=self.label)
         seconds = time.perf_counter() - started
-        return _concat(self.name, self.geometry.name, eps, parts, targets, seconds, runner.batch_size)
+        outcome = _concat(self.name, self.geometry.name, eps, parts, targets, seconds, runner.batch_size)
+        _log.debug("%s eps=%s on %s: %d samples in batches of %d, %d gradient calls, %.2fs", self.label, eps,
+                   model.name, len(x), runner.batch_size, outcome.gradient_calls, seconds)
+        return outcome
+
+    def progress(self, iterable: Iterable[T], what: str = "steps", unit: str = "step") -> Iterable[T]:
+        """An attack's inner loop (`for i in self.progress(range(steps))`): a progress bar of its
+        iterations when bars are on (robustlab.progress), the iterable itself when off."""
+        return progress.steps(iterable, f"{self.label} {what}", unit=unit)
 
     def prepare(self, model: ModelUnderTest, x, y, targets, sample_ids):
         """Every check before work starts: the model, inputs, labels, targets, ids, eps, options.

@@ -163,7 +163,7 @@ def run_fab(attack: FABT, model: ModelUnderTest, x0: torch.Tensor, y: torch.Tens
     best = x0.clone()
     best_size = torch.full((len(x0),), math.inf, dtype=x0.dtype, device=x0.device)
     origin = flat(x0)
-    for _ in range(attack.steps):
+    for _ in attack.progress(range(attack.steps)):
         gap, grad = _gap_and_gradient(model, x1, y, aims, targeted)
         w = flat(grad)
         here = flat(x1)

@@ -210,7 +210,7 @@ class _Run:
         if self.linf:  # every Linf candidate pixel is x +- eps, contained: compute both planes once
             self.faces = (self.contained(x, self.clip(x + self.eps)), self.contained(x, self.clip(x - self.eps)))
         total, slots = self.config.queries, self.slots(c)
-        for it in range(1, total):
+        for it in self.config.progress(range(1, total), "queries", "query"):
             act = torch.nonzero(~done).reshape(-1)
             if act.numel() == 0:
                 break

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustlab import progress as bars
 from robustlab.attacks import PGD
 from robustlab.attacks.base import validate_inputs, validate_labels
 from robustlab.data import Dataset, load_data
@@ -184,13 +185,14 @@ def adversarial_training(
             say(f"resuming from {checkpoint_dir} after epoch {state['epoch']}")
     trained = _ddp(net, device) if ranks is not None else net  # the module whose parameters get gradients
 
-    for epoch in range(state["epoch"], epochs):
+    done = state["epoch"]
+    for epoch in bars.steps(range(done, epochs), "adversarial training", unit="epoch", initial=done):
         started = time.perf_counter()
         loss_sum, seen = 0.0, 0
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1_000_003 + epoch)  # dropout etc.: also fixed per epoch
-            for start in range(0, len(x), batch_size):
+            for start in bars.steps(range(0, len(x), batch_size), f"epoch {epoch + 1}", unit="batch"):
                 batch = order[start:start + batch_size]
                 idx = batch[rank::world]
                 xb, yb = x[idx].to(device), y[idx].to(device)

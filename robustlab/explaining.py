@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from robustlab import progress as bars
 from robustlab.errors import InputError
 from robustlab.model import ModelUnderTest
 
@@ -87,7 +88,7 @@ def explain_model(mut: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, ids: to
         return out
     k = min(N_EXPLAIN, len(x))
     head = {key: (xa[:k], pred[:k]) for key, (xa, pred) in adversarial.items()}
-    for stage in stages:
+    for stage in bars.steps(stages, f"{mut.name}: explanations", unit="stage"):
         if stage in ("saliency", "shap") and not differentiable:
             out.info["skipped"][stage] = ("the model has no gradient (it is attacked by transfer); gradient "
                                           "explanations of its surrogate would not describe it")

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from robustlab import progress as bars
 from robustlab import targets as targeting
 from robustlab.attacks import SUITES, Attack, AttackOutcome, Cascade, get_attack, restrict
 from robustlab.attacks import registry as attack_registry
@@ -31,6 +32,7 @@ from robustlab.data import Dataset, load_data
 from robustlab.errors import InputError, VerificationError
 from robustlab.integrity import LEVELS
 from robustlab.integrity.base import Extra, Found, ModeEvidence, ModelContext
+from robustlab.log import get_logger
 from robustlab.model import ModelUnderTest, RobustlabWarning
 from robustlab.results import SUMMARY_COLUMNS, WORST_CASE, AuditResult, certified_label, example_key, sample_frame
 from robustlab.verdicts import evaluate as evaluate_verdicts
@@ -43,6 +45,7 @@ TRANSFER_NOTE = "transfer from surrogate"
 BLACK_BOX_REASON = "black-box model: white-box attacks and the standard suite did not run"
 
 Progress = Callable[[str], None]
+_log = get_logger(__name__)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class _Plan:
     smoothed: dict[str, ModelUnderTest] = field(default_factory=dict)  # certify=smoothing: each model's smoothed twin
 
 
+@bars.honours("progress")
 def audit(
     model: Any,
     data: Any = "digits",
@@ -113,6 +117,9 @@ def audit(
         iterations, for CI), or "none". Its row ("cascade" / "cascade-quick") joins the worst case;
         only an audit with the standard suite can have an "established" evaluation.
     targeted: "none", "random", "least-likely", "next", "all", a class, or a list of those.
+    progress: status lines always go to the "robustlab" logger (INFO; configure logging to see them);
+        progress bars follow robustlab.progress's automatic rule (None), or are forced on (True) or off
+        (False) for this call; a callable also receives every status line.
     checks: integrity checks after each model's attacks (robustlab.integrity): "default" (the cheap
         ones, +<=50% time), "strict" (also the costly ones in full, and transfer from `surrogate`), or
         "none". With checks, margin-loss PGD always runs ("pgd-margin") and the adaptive attacks the
@@ -146,6 +153,10 @@ def audit(
                  restarts=restarts, loss=loss, seed=seed, n=n, device=device, batch_size=batch_size, bounds=bounds,
                  mean=mean, std=std, name=name, classes=classes, output=output, checks=checks, surrogate=surrogate,
                  explain=explain, suite=suite, certify=certify, features=features)
+    _log.debug("audit plan: models %s; %d samples; attacks %s; suite %s; %s eps %s; targeted %s; checks %s; "
+               "explain %s; batch size %s", ", ".join(plan.models), len(plan.data.y),
+               ", ".join(a.label for a in plan.attacks), plan.suite, plan.norm, ", ".join(f"{e:g}" for e in plan.eps),
+               ", ".join(plan.modes), plan.checks, ", ".join(plan.explain) or "none", plan.batch_size or "automatic")
     summaries: list[dict] = []
     check_results: list[dict] = []
     adaptive: list[dict] = []
@@ -537,7 +548,7 @@ def _clean_logits(mut: ModelUnderTest, x: torch.Tensor, batch_size: int | None) 
             return mut(mut.to_device(x[a:b])).double().cpu()
 
     with mut.evaluating():
-        parts = runner.run(len(x), one)
+        parts = runner.run(len(x), one, desc=f"{mut.name}: clean")
     return torch.cat(parts), runner.batch_size
 
 
@@ -623,7 +634,7 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress,
         masks = torch.stack([clean_correct if s is None else (clean_correct & s.valid) for s in (target_sets or [None])])
         state = _ModeState(target_sets, ModeEvidence(mode=mode, target_sets=target_sets, masks=masks))
         states[mode] = state
-        for attack, transferred in attacks:
+        for attack, transferred in bars.steps(attacks, f"{mut.name} ({mode})", unit="attack"):
             run(attack, mode, state, transferred)
     if "none" in states:  # a targeted success is a misclassification: it breaks the untargeted threat model too
         states["none"].evidence.also = [s.evidence for m, s in states.items() if m != "none"]
@@ -1207,8 +1218,11 @@ def _metadata(plan: _Plan, started, finished, seconds, batch_sizes, config) -> d
 
 
 def _progress(progress: bool | Progress | None) -> Progress:
-    if callable(progress):
-        return progress
-    if progress or (progress is None and sys.stderr.isatty()):
-        return lambda message: print(f"[robustlab] {message}", file=sys.stderr, flush=True)
-    return lambda message: None
+    """Status lines to the logger, and to `progress` when it is a callable (bars: robustlab.progress)."""
+    bars.environment_setting()  # a bad ROBUSTLAB_PROGRESS is refused before any work
+
+    def say(message: str) -> None:
+        _log.info(message)
+        if callable(progress):
+            progress(message)
+    return say

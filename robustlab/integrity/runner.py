@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from robustlab import progress as bars
+
 from . import catalogue
 from .base import CheckCall, CheckResult, ModeEvidence, ModelContext
 
@@ -58,7 +60,7 @@ def run_checks(ctx: ModelContext, evidence: dict[str, ModeEvidence], clean_logit
         for eps in ctx.eps:
             results += [_timed(s, _at(per_mode, eps)) for s in cheap]
         if probes:
-            for eps in ctx.eps:
+            for eps in bars.steps(ctx.eps, f"{ctx.mut.name} ({mode}): probe checks", unit="eps"):
                 results += [_timed(s, _at(per_mode, eps)) for s in probes]
     results += [CheckResult(model=ctx.mut.name, check=s.id, status="skipped", reason=BLACK_BOX_SKIP) for s in skipped]
     for r in results:

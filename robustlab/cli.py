@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     from robustlab import __version__
 
     parser.add_argument("--version", action="version", version=f"robustlab {__version__}")
+    _logging_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     audit = sub.add_parser("audit", help="audit your own model", formatter_class=_HelpFormatter, description=(
@@ -161,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.add_argument("--retrain", action="store_true", help="retrain the demo model instead of using the cache")
-    demo.add_argument("--quiet", action="store_true", help="no progress messages")
     _suite_option(demo)
     _certify_option(demo)
     _integrity_options(demo, explain_default="all")
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "saved results alone: no model, no re-run.")
     report.add_argument("dir", metavar="DIR", help="results directory (holds results.json)")
     report.add_argument("-o", "--out", metavar="FILE", help="where to write the HTML (default DIR/report.html)")
+    for command in (audit, demo, report):
+        _logging_options(command, top=False)
 
     compare = sub.add_parser("compare", help="compare two results directories",
                              description="What got better or worse from run A to run B, by how much, per model, "
@@ -181,7 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("dir_a", metavar="DIR_A", help="baseline results directory")
     compare.add_argument("dir_b", metavar="DIR_B", help="results directory to compare with the baseline")
     compare.add_argument("-o", "--out", required=True, metavar="FILE", help="output file (.html or .md)")
+    _logging_options(compare, top=False)
     return parser
+
+
+def _logging_options(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """-v/-q, accepted before and after the command (after it, they must not reset a value given before)."""
+    g = p.add_argument_group("messages")
+    keep = {} if top else {"default": argparse.SUPPRESS}
+    g.add_argument("-v", "--verbose", action="count", help="also debug messages", **({"default": 0} if top else keep))
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no status lines, no "
+                                                              "progress bars)", **({"default": False} if top else keep))
+
+
+def _logging(args: argparse.Namespace) -> Callable[[], None]:
+    """Install the stderr handler at the level -v/-q ask for; checks ROBUSTLAB_PROGRESS. Returns the undo."""
+    from robustlab import log, progress
+    from robustlab.errors import InputError
+
+    if args.quiet and args.verbose:
+        raise UsageError("-q/--quiet and -v/--verbose exclude each other")
+    try:
+        progress.environment_setting()
+    except InputError as error:
+        raise UsageError(str(error)) from None
+    return log.install(log.level_for(args.verbose, args.quiet))
 
 
 DEMO_DEFENSES = "pgd-at,distillation,ensemble"
@@ -263,7 +289,6 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--batch-size", type=int, help="default: chosen automatically, halved on out-of-memory")
     g.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast) on a CUDA device")
-    g.add_argument("--quiet", action="store_true", help="no progress messages")
     _integrity_options(p, explain_default=None)
 
 
@@ -310,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    restore: Callable[[], None] = lambda: None
     try:
+        restore = _logging(args)
         if args.command == "demo":
             return _demo(args)
         if args.command == "report":
@@ -327,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"robustlab {args.command}: error: {error}", file=sys.stderr)
             return EXIT_USAGE
         raise
+    finally:
+        restore()
     return EXIT_OK
 
 
@@ -402,7 +431,7 @@ def _audit(args: argparse.Namespace) -> int:
     if defense_plan is not None:
         check_audit(model, data, **options)  # every audit option checked before hours of training
     models, defended = _with_defenses(model, defense_plan, args)
-    result = audit(models, data, progress=not args.quiet, **options)
+    result = audit(models, data, **options)
     return _finish(result, args.out, requirements, defended=defended, base=model, base_spec=args.model,
                    track=lambda: _track(args, args.out))
 
@@ -429,8 +458,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     parse_stages(args.explain)
     module, path = digits_cnn(retrain=args.retrain)
-    if not args.quiet:
-        print(f"[robustlab] demo model: {path}", file=sys.stderr)
+    _log().info(f"demo model: {path}")
     from robustlab.model import file_sha256
 
     model = ModelUnderTest(module.to(device), name="digits-cnn", bounds=(0.0, 1.0), sha256=file_sha256(str(path)),
@@ -438,7 +466,7 @@ def _demo(args: argparse.Namespace) -> int:
     defense_plan = _defense_plan(args, list(eps))
     models, defended = _with_defenses(model, defense_plan, args)
     result = audit(models, digits_split("test"), attacks=("fgsm", "pgd", "cw"), eps=eps, seed=args.seed,
-                   n=args.n, device=device, progress=not args.quiet, checks=args.checks, explain=args.explain,
+                   n=args.n, device=device, checks=args.checks, explain=args.explain,
                    suite=args.suite, certify=certify)
     return _finish(result, args.out, requirements, defended=defended, base=model,
                    base_spec="robustlab.zoo:digits_cnn", track=lambda: _track(args, args.out))
@@ -484,10 +512,8 @@ def _with_defenses(model, plan: _DefensePlan | None, args: argparse.Namespace):
     from robustlab.defenses.recipes import build_defenses, defended_wrapper
     from robustlab.demo import cache_dir
 
-    say = (lambda message: None) if args.quiet else (lambda message: print(f"[robustlab] {message}", file=sys.stderr,
-                                                                           flush=True))
     defended = build_defenses(model, plan.names, plan.train_data, plan.recipe, work_dir=cache_dir() / "defenses",
-                              progress=say)
+                              progress=_log().info)
     models = {model.name: model}
     for name, module in defended.items():
         if name in models:
@@ -569,6 +595,12 @@ def _compare(args: argparse.Namespace) -> int:
 
     print(f"comparison: {compare(args.dir_a, args.dir_b, args.out)}")
     return EXIT_OK
+
+
+def _log():
+    from robustlab.log import get_logger
+
+    return get_logger("robustlab.cli")
 
 
 def entry() -> None:  # pragma: no cover - console script shim

@@ -28,10 +28,15 @@ rank 0 writes checkpoints.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
+import re
 import time
+import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -43,7 +48,7 @@ from robustlab.attacks import PGD
 from robustlab.attacks.base import validate_inputs, validate_labels
 from robustlab.data import Dataset, load_data
 from robustlab.errors import InputError
-from robustlab.model import ModelUnderTest
+from robustlab.model import ModelUnderTest, RobustlabWarning
 from robustlab.threat import Bounds, Norm, get_norm
 
 METHODS = ("pgd", "fast", "trades")
@@ -121,8 +126,9 @@ def adversarial_training(
     val_data: if given, after each epoch clean and PGD robust accuracy are measured on it (the
         verified `robustlab.attacks.PGD`, same eps and steps) and the best-robust weights are returned.
     checkpoint_dir: after each epoch, weights (safetensors), optimiser tensors (torch.save, loaded
-        with weights_only=True) and a JSON state are written there; calling again with the same
-        directory and configuration resumes after the last finished epoch.
+        with weights_only=True) and, last, a JSON manifest naming them with their digests are written
+        there; calling again with the same directory and configuration resumes after the last epoch
+        whose checkpoint is complete (a crash mid-save resumes from the epoch before, never a mix).
     progress: called with one line per epoch.
     """
     say = progress if callable(progress) else (lambda message: None)
@@ -179,7 +185,7 @@ def adversarial_training(
         if rank == 0:
             os.makedirs(checkpoint_dir, exist_ok=True)
         _barrier(ranks)
-        loaded = _load_checkpoint(checkpoint_dir, model, optimiser, config)
+        loaded = _load_checkpoint(checkpoint_dir, model, optimiser, config, say)
         if loaded is not None:
             state, best_weights = loaded
             say(f"resuming from {checkpoint_dir} after epoch {state['epoch']}")
@@ -357,23 +363,46 @@ def _robust_accuracy(mut: ModelUnderTest, val: Dataset, attack: PGD, seed: int, 
 
 
 # ---------------------------------------------------------------------------- checkpoints
+# A checkpoint is three files of one epoch (weights-E.safetensors, optimiser-E.pt, best-E.safetensors)
+# and the manifest state.json, written last and atomically, naming them with their sha256: a crash
+# between two writes leaves the previous manifest, which names the previous epoch's files, still
+# there (they are removed only once the new manifest is in place). Loading checks the digests.
+CHECKPOINT_FORMAT = 2
+_EPOCH_FILE = re.compile(r"^(weights|best|optimiser)-(\d+)\.(safetensors|pt)$")
+_OLD_FILES = (WEIGHTS_FILE, BEST_FILE, OPTIMISER_FILE)  # format 1: one name per role, overwritten each epoch
+
+
 def _save_checkpoint(directory, model, optimiser, state, best_weights) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    def atomic(name: str, write: Callable[[str], None]) -> None:
-        tmp = os.path.join(directory, f".{name}.tmp")
-        write(tmp)
-        os.replace(tmp, os.path.join(directory, name))
+    from robustlab.atomic import write_atomically
 
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic(WEIGHTS_FILE, lambda p: save_file(weights, p))
+    epoch = int(state["epoch"])
+    parts: dict[str, bytes] = {
+        f"weights-{epoch}.safetensors": save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})}
     if best_weights is not None:
-        best = {k: v.cpu().contiguous() for k, v in best_weights.items()}
-        atomic(BEST_FILE, lambda p: save_file(best, p))
+        parts[f"best-{epoch}.safetensors"] = save({k: v.cpu().contiguous() for k, v in best_weights.items()})
     tensors, groups = _optimiser_tensors(optimiser)
-    atomic(OPTIMISER_FILE, lambda p: torch.save(tensors, p))
-    document = dict(state, optimiser_param_groups=groups)
-    atomic(STATE_FILE, lambda p: open(p, "w").write(json.dumps(document, indent=2)))  # written last: commits
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    parts[f"optimiser-{epoch}.pt"] = buffer.getvalue()
+    files = {}
+    for name, data in parts.items():
+        _write_part(os.path.join(directory, name), data)
+        files[name.split("-", 1)[0]] = {"file": name, "sha256": hashlib.sha256(data).hexdigest()}
+    document = dict(state, optimiser_param_groups=groups, format=CHECKPOINT_FORMAT, files=files)
+    write_atomically(Path(directory, STATE_FILE), json.dumps(document, indent=2).encode())  # the commit
+    kept = {entry["file"] for entry in files.values()}
+    for name in os.listdir(directory):
+        if (name in _OLD_FILES or _EPOCH_FILE.match(name)) and name not in kept:
+            os.remove(os.path.join(directory, name))
+
+
+def _write_part(path: str, data: bytes) -> None:
+    """One checkpoint file, atomically (a separate function so tests can crash between the writes)."""
+    from robustlab.atomic import write_atomically
+
+    write_atomically(Path(path), data)
 
 
 def _optimiser_tensors(optimiser) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -387,21 +416,36 @@ def _optimiser_tensors(optimiser) -> tuple[dict[str, torch.Tensor], list[dict]]:
     return tensors, groups
 
 
-def _load_checkpoint(directory, model, optimiser, config):
+def _load_checkpoint(directory, model, optimiser, config, say: Progress = lambda message: None):
+    """(state, best weights) of the last complete epoch in `directory`, checked against its manifest;
+    None to start afresh. InputError (checkpoint_dir) for another configuration or a checkpoint whose
+    files do not match the manifest."""
     path = os.path.join(directory, STATE_FILE)
     if not os.path.exists(path):
         return None
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_safetensors
 
-    with open(path) as handle:
-        document = json.load(handle)
+    try:
+        with open(path) as handle:
+            document = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError("checkpoint_dir", f"cannot read {path} ({error}); delete {directory} to train "
+                                           "afresh") from None
+    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
+        message = (f"the checkpoint in {directory} was written without a manifest of digests (an older "
+                   "robustlab): its weights and optimiser state cannot be checked to be of the same epoch, "
+                   "so training starts again from epoch 0")
+        warnings.warn(message, RobustlabWarning, stacklevel=3)
+        say(message)
+        return None
     saved = document.get("config", {})
     different = sorted(k for k in config if saved.get(k) != config[k])
     if different:
         raise InputError("checkpoint_dir", f"{directory} holds a run with a different configuration "
                                            f"({', '.join(different)}); use another directory to start afresh")
-    model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE)))
-    tensors = torch.load(os.path.join(directory, OPTIMISER_FILE), weights_only=True)
+    files = document.get("files") or {}
+    model.load_state_dict(load_safetensors(_checked_part(directory, files, "weights", document)))
+    tensors = torch.load(io.BytesIO(_checked_part(directory, files, "optimiser", document)), weights_only=True)
     sd = optimiser.state_dict()
     state: dict[int, dict] = {}
     for name, value in tensors.items():
@@ -411,9 +455,32 @@ def _load_checkpoint(directory, model, optimiser, config):
     for group, saved_group in zip(sd["param_groups"], groups):
         group.update({k: v for k, v in saved_group.items() if k != "params"})
     optimiser.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-    best_path = os.path.join(directory, BEST_FILE)
-    best = load_file(best_path) if os.path.exists(best_path) and document.get("best_epoch") else None
+    best = load_safetensors(_checked_part(directory, files, "best", document)) \
+        if "best" in files and document.get("best_epoch") else None
+    for key in ("files", "format"):
+        document.pop(key, None)
     return document, best
+
+
+def _checked_part(directory, files: dict, role: str, document: dict) -> bytes:
+    """The bytes of the checkpoint's `role` file, refused unless they are the ones the manifest names."""
+    entry = files.get(role)
+    name = entry.get("file") if isinstance(entry, dict) else None
+    epoch = document.get("epoch")
+    if not isinstance(name, str) or not _EPOCH_FILE.match(name) or name.split("-", 1)[0] != role:
+        raise InputError("checkpoint_dir", f"{directory}/{STATE_FILE} names no valid {role} file; delete "
+                                           f"{directory} to train afresh")
+    try:
+        with open(os.path.join(directory, name), "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise InputError("checkpoint_dir", f"the checkpoint of epoch {epoch} in {directory} is incomplete: "
+                                           f"{name}: {error.strerror}; delete {directory} to train afresh") from None
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise InputError("checkpoint_dir", f"the checkpoint of epoch {epoch} in {directory} is inconsistent: {name} "
+                                           f"does not match the digest {STATE_FILE} records (changed after it was "
+                                           f"written); delete {directory} to train afresh")
+    return data
 
 
 __all__ = ["adversarial_training", "training_attack", "METHODS", "Normalised"]

@@ -158,17 +158,21 @@ def defended_wrapper(module: nn.Module, base: ModelUnderTest, name: str) -> Mode
 
 # ---------------------------------------------------------------------------- saving
 def save_models(models: dict[str, nn.Module], directory: str | os.PathLike, *, base: ModelUnderTest,
-                base_spec: str | None = None) -> list[Path]:
+                base_spec: str | None = None, named: str | os.PathLike | None = None) -> list[Path]:
     """Each defended model as NAME.safetensors (its state_dict) + NAME.json (how it was made, how to load it).
 
     base_spec: the base model's `--model` (a module:factory, as the user typed it). The JSON's `load` is a
     command that loads the saved weights from the directory the user ran in: `directory` as given (relative
     paths stay relative), with the base's bounds and normalisation.
+    named: where the directory will be once in place, when it is written inside a results directory that is
+    swapped in later (robustlab.results.AuditResult.save(also=...)): the `load` command and the returned
+    paths name it, not the staging copy.
     Written into a staging directory and moved into place, so an interrupted save leaves nothing behind.
     """
     from safetensors.torch import save_file
 
     target = Path(directory)
+    shown = Path(named) if named is not None else target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
     staging.mkdir(exist_ok=True)
@@ -184,10 +188,10 @@ def save_models(models: dict[str, nn.Module], directory: str | os.PathLike, *, b
                 "bounds": base.bounds.to_json(),
                 "mean": None if base.mean is None else base.mean.tolist(),
                 "std": None if base.std is None else base.std.tolist(),
-                "load": _how_to_load(name, module, base_spec, target / f"{name}.safetensors", base),
+                "load": _how_to_load(name, module, base_spec, shown / f"{name}.safetensors", base),
             }
             (staging / f"{name}.json").write_text(json.dumps(about, indent=2, default=str) + "\n")
-            written.append(target / f"{name}.safetensors")
+            written.append(shown / f"{name}.safetensors")
         target.mkdir(parents=True, exist_ok=True)
         umask = os.umask(0)
         os.umask(umask)

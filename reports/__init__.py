@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from robustlab.errors import InputError
-from robustlab.results import AuditResult, load
+from robustlab.results import AuditResult, load, write_file
 
 from . import facts
 from .serializers import html as _html
@@ -40,16 +40,9 @@ def _load(results_dir: str | os.PathLike, argument: str = "results_dir") -> Audi
 
 
 def _write(path: Path, text: str) -> Path:
-    """Write atomically: a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Write atomically: a reader never sees half a report; written into a results directory, the
+    report's digest joins results.json in the same step (robustlab.results.write_file)."""
+    return write_file(path, text)
 
 
 def render_html(result: AuditResult) -> str:

@@ -8,14 +8,18 @@ written then). `report` and `compare` read saved results only and never import t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+_SAVED: list[str] = []  # results directories this command has swapped in (what an interrupt leaves)
 
 
 class UsageError(Exception):
@@ -39,21 +43,24 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 # ---------------------------------------------------------------------------- value parsers
-def parse_number(text: str) -> float:
-    """'0.1', '8/255' -> float."""
+def parse_number(text: str, option: str | None = None) -> float:
+    """'0.1', '8/255' -> float; a UsageError naming `option` (e.g. '--eps') otherwise."""
+    where = f"{option}: " if option else ""
     text = text.strip()
     try:
         return float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise UsageError(f"not a number: {text!r}") from None
+    except ZeroDivisionError:
+        raise UsageError(f"{where}{text!r} divides by zero") from None
+    except ValueError:
+        raise UsageError(f"{where}not a number: {text!r} (fractions like 8/255 are allowed)") from None
 
 
-def parse_numbers(text: str) -> list[float]:
-    return [parse_number(part) for part in text.split(",") if part.strip()]
+def parse_numbers(text: str, option: str | None = None) -> list[float]:
+    return [parse_number(part, option) for part in text.split(",") if part.strip()]
 
 
 def parse_bounds(text: str) -> tuple[float, float]:
-    values = parse_numbers(text)
+    values = parse_numbers(text, "--bounds")
     if len(values) != 2:
         raise UsageError(f"--bounds expects LO,HI, got {text!r}")
     return values[0], values[1]
@@ -336,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     restore: Callable[[], None] = lambda: None
+    _SAVED.clear()
     try:
         restore = _logging(args)
         if args.command == "demo":
@@ -347,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _audit(args)
     except UsageError as error:
         parser.exit(EXIT_USAGE, f"robustlab {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        print(f"robustlab {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - InputError is the expected one; see below
         from robustlab.errors import InputError
 
@@ -357,6 +368,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         restore()
     return EXIT_OK
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The one line a Ctrl-C prints: what it left. Saves are all or nothing (robustlab.results), so
+    an output is either untouched or complete."""
+    if args.command in ("audit", "demo"):
+        if _SAVED:
+            return f"interrupted after the results were saved to {_SAVED[-1]} (complete)"
+        before = "still holds the previous results" if Path(args.out, "results.json").is_file() else \
+            "was not written"
+        return f"interrupted; nothing was saved ({args.out} {before}); run the command again to redo the audit"
+    return "interrupted; nothing was written" if args.command == "compare" else \
+        f"interrupted; {args.dir} holds the results as before"
 
 
 def _requirements(args: argparse.Namespace, eps: Sequence[float]) -> list:
@@ -386,12 +410,12 @@ def _requirements(args: argparse.Namespace, eps: Sequence[float]) -> list:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    eps = parse_numbers(args.eps)
+    eps = parse_numbers(args.eps, "--eps")
     requirements = _requirements(args, eps)
     _check_tracking(args)
     bounds = parse_bounds(args.bounds)
-    mean = parse_numbers(args.mean) if args.mean else None
-    std = parse_numbers(args.std) if args.std else None
+    mean = parse_numbers(args.mean, "--mean") if args.mean else None
+    std = parse_numbers(args.std, "--std") if args.std else None
     classes = parse_classes(args.classes)
     image_size = parse_image_size(args)
     features = parse_features(args.features)
@@ -405,10 +429,12 @@ def _audit(args: argparse.Namespace) -> int:
 
     check_certify(certify=certify, requirements=requirements)  # certified_accuracy>=... needs --certify
 
-    from robustlab.harness import audit, check_audit, resolve_device
+    from robustlab.harness import audit, check_audit, check_model_name, resolve_device
     from robustlab.loading import load_model
     from robustlab.results import check_output_dir
 
+    if args.name is not None:
+        check_model_name(args.name, "name")
     check_output_dir(args.out)
     device = resolve_device(args.device)
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=device,
@@ -430,6 +456,7 @@ def _audit(args: argparse.Namespace) -> int:
                          "PyTorch model itself)")
     if defense_plan is not None:
         check_audit(model, data, **options)  # every audit option checked before hours of training
+        _check_defense_inputs(model, defense_plan)
     models, defended = _with_defenses(model, defense_plan, args)
     result = audit(models, data, **options)
     return _finish(result, args.out, requirements, defended=defended, base=model, base_spec=args.model,
@@ -464,6 +491,8 @@ def _demo(args: argparse.Namespace) -> int:
     model = ModelUnderTest(module.to(device), name="digits-cnn", bounds=(0.0, 1.0), sha256=file_sha256(str(path)),
                            source=f"robustlab demo ({path.name})", classes=[str(i) for i in range(10)], device=device)
     defense_plan = _defense_plan(args, list(eps))
+    if defense_plan is not None:
+        _check_defense_inputs(model, defense_plan)
     models, defended = _with_defenses(model, defense_plan, args)
     result = audit(models, digits_split("test"), attacks=("fgsm", "pgd", "cw"), eps=eps, seed=args.seed,
                    n=args.n, device=device, checks=args.checks, explain=args.explain,
@@ -490,8 +519,10 @@ def _defense_plan(args: argparse.Namespace, eps: list[float]) -> _DefensePlan | 
     for option in ("defend_epochs", "ensemble_size"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
-    temperature = parse_number(args.temperature)
-    defend_eps = parse_number(args.defend_eps) if args.defend_eps else max(eps)
+    temperature = parse_number(args.temperature, "--temperature")
+    defend_eps = parse_number(args.defend_eps, "--defend-eps") if args.defend_eps else max(eps)
+    if not math.isfinite(defend_eps) or defend_eps < 0:
+        raise UsageError(f"--defend-eps: must be a finite number >= 0, got {args.defend_eps}")
     recipe = Recipe(eps=defend_eps, norm=getattr(args, "norm", "linf"), epochs=args.defend_epochs,
                     temperature=temperature, members=args.ensemble_size, seed=args.seed)
     from robustlab.errors import InputError
@@ -503,6 +534,23 @@ def _defense_plan(args: argparse.Namespace, eps: list[float]) -> _DefensePlan | 
     except InputError as error:
         raise InputError("train-data", error.problem) from None
     return _DefensePlan(names=names, recipe=recipe, train_data=train)
+
+
+def _check_defense_inputs(model, plan: _DefensePlan) -> None:
+    """Before training: the training inputs (finite, inside the bounds; indices as in the file) and the
+    training budget (it fits the input box), named as the options that set them."""
+    from robustlab.attacks.base import check_eps_fits, validate_inputs
+    from robustlab.errors import InputError
+    from robustlab.threat import get_norm
+
+    try:
+        x = validate_inputs(model, plan.train_data.x)  # type: ignore[attr-defined]
+    except InputError as error:
+        raise InputError("train-data", f"inputs ({error.argument}) {error.problem}") from None
+    try:
+        check_eps_fits(plan.recipe.eps, get_norm(plan.recipe.norm), model, tuple(x.shape[1:]))  # type: ignore[attr-defined]
+    except InputError as error:
+        raise InputError("--defend-eps", error.problem) from None
 
 
 def _with_defenses(model, plan: _DefensePlan | None, args: argparse.Namespace):
@@ -532,17 +580,23 @@ def _finish(result, out: str, requirements: list, *, defended: dict | None = Non
         gates.record_requirements(result, judged)
     if defended:
         result.metadata["defended_models"] = {name: f"models/{name}.safetensors" for name in defended}
-    result.save(out)
-    if defended:
-        from robustlab.defenses.recipes import save_models
 
-        save_models(defended, Path(out) / "models", base=base, base_spec=base_spec)
+    def complete(new: Path) -> None:
+        """The defended models and the report go into the new directory before it is swapped in."""
+        if defended:
+            from robustlab.defenses.recipes import save_models
+
+            save_models(defended, new / "models", base=base, base_spec=base_spec, named=Path(out) / "models")
+        _render(str(new))  # from the saved files alone, as `robustlab report` would
+
+    result.save(out, also=complete)
+    _SAVED.append(out)
+    report, summary = Path(out) / "report.html", Path(out) / "summary.md"
     print(result.table())
     for name, info in (result.metadata.get("certify") or {}).items():
         if isinstance(info, dict) and info.get("status") == "skipped":
             print(f"certify {info.get('method')}: {name} skipped: {info.get('reason')}")
     print("\n" + format_checks(result))
-    report, summary = _render(out)  # from the saved files alone, as `robustlab report` would
     print(f"\nresults: {os.path.join(out, 'results.json')} and samples.csv; report: {report}; summary: {summary}")
     print("\n" + verdicts.format_verdicts(verdicts.records(result.metadata, result.summary), judged))
     for j in judged:
@@ -584,8 +638,25 @@ def _render(directory: str, out: str | None = None) -> tuple:
     return report, write_summary(directory)
 
 
+@contextlib.contextmanager
+def _unverified(command: str, *directories: str) -> Iterator[None]:
+    """Results saved without file digests load unverified: one line says so (instead of a warning per load)."""
+    import warnings
+
+    from robustlab.results import UnverifiedResultsWarning, unverified_note
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UnverifiedResultsWarning)
+        yield  # the note only for results that could be read
+    for directory in dict.fromkeys(directories):
+        note = unverified_note(directory)
+        if note:
+            print(f"robustlab {command}: note: {note}", file=sys.stderr)
+
+
 def _report(args: argparse.Namespace) -> int:
-    report, summary = _render(args.dir, args.out)
+    with _unverified("report", args.dir):
+        report, summary = _render(args.dir, args.out)
     print(f"report: {report}\nsummary: {summary}")
     return EXIT_OK
 
@@ -593,7 +664,9 @@ def _report(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from robustlab.reports import compare
 
-    print(f"comparison: {compare(args.dir_a, args.dir_b, args.out)}")
+    with _unverified("compare", args.dir_a, args.dir_b):
+        written = compare(args.dir_a, args.dir_b, args.out)
+    print(f"comparison: {written}")
     return EXIT_OK
 
 

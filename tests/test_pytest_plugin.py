@@ -306,8 +306,9 @@ def test_report_files_session_json_and_markdown(project, monkeypatch):
 
     def render(results_dir, out=None):  # stands in for robustlab.reports.render while it is being written
         rendered.append(Path(results_dir))
-        Path(out).write_text("<html>report</html>")
-        return Path(out)
+        from robustlab.results import write_file  # as the real one writes: its digest joins results.json
+
+        return write_file(out, "<html>report</html>")
 
     monkeypatch.setattr(robustlab.reports, "render", render, raising=False)
     project.makepyfile(test_gate=PASSING + FAILING + """

@@ -115,7 +115,8 @@ def _copy(model: ModelUnderTest, x: Tensor) -> ModelUnderTest:
     if not isinstance(model.module, nn.Module):
         raise InputError("model", "cascading randomisation needs a torch.nn.Module (its layers are re-initialised)")
     try:
-        module = copy.deepcopy(model.module)
+        with torch.no_grad():  # a ScriptModule's deepcopy otherwise clones parameters into non-leaf tensors
+            module = copy.deepcopy(model.module)
     except Exception as error:  # noqa: BLE001 - any failure to copy means we cannot proceed safely
         raise InputError("model", f"cannot be copied for randomisation ({type(error).__name__}: {error})") from None
     clone = ModelUnderTest(module, bounds=model.bounds, mean=model.mean, std=model.std, name=f"{model.name} (randomised)",

@@ -190,6 +190,9 @@ def _looks_like_object_spec(spec: str) -> bool:
 def _load_npz(path: str, *, trust_pickle: bool, n: int | None = None) -> Dataset:
     if not os.path.exists(path):
         raise InputError("data", f"file not found: {path}")
+    if os.path.isdir(path):
+        raise InputError("data", f"{path} is a directory; expected 'digits', an .npz file with arrays x and y, or "
+                                 "'module:function' returning arrays, a Dataset or a DataLoader")
     import zipfile
 
     if not zipfile.is_zipfile(path):

@@ -273,7 +273,7 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
     geometry = get_norm(norm)
     if certifying is not None and geometry.name not in ("linf", "l2"):
         raise InputError("certify", f"certificates are for linf and l2 audits, not {geometry.name}")
-    eps_list = [eps] if isinstance(eps, (int, float)) else list(eps)
+    eps_list = eps_values(eps)
     if not eps_list:
         raise InputError("eps", "give at least one epsilon")
     for e in eps_list:
@@ -283,6 +283,10 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
     dataset = load_data(data, n=n).with_features(features)  # n applied while reading
     wrap_options = dict(bounds=bounds, mean=mean, std=std, classes=classes or dataset.classes, output=output)
     models = _models(model, name, wrap_options, dev)
+    for mut in models.values():
+        check_model_name(mut.name, "name" if name is not None else "model")
+    if isinstance(attacks, (str, Attack)):
+        attacks = [attacks]  # "pgd" is one attack, not the attacks "p", "g", "d"
     built = [_build_attack(a, geometry.name, steps=steps, restarts=restarts, loss=loss) for a in attacks]
     if suite != "none" and not any(isinstance(a, Cascade) for a in built):
         built.append(Cascade(norm=geometry.name, suite=suite))
@@ -291,6 +295,7 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
     names = [a.label for a in built]
     if len(set(names)) != len(names):
         raise InputError("attacks", f"each attack may appear once, got {names}")
+    _warn_unused_options(built, steps=steps, restarts=restarts, loss=loss)
     first = next(iter(models.values()))
     modes_in = [targeted] if isinstance(targeted, (str, int)) or targeted is None else list(targeted)
     modes = list(dict.fromkeys(targeting.parse_mode(m, first.classes) for m in modes_in))
@@ -415,6 +420,63 @@ def _wrap(value, name, options, device: torch.device | None) -> ModelUnderTest:
             value.move_to(device)
         return value
     return ModelUnderTest(value, name=name, device=device, **options)
+
+
+def eps_values(eps: Any) -> list:
+    """The budgets as given: a number, a string ("0.1", "8/255", "0.05,0.1"), or a sequence of those;
+    strings become floats here, anything else is checked by the caller."""
+    from fractions import Fraction
+
+    if isinstance(eps, (str, int, float, np.floating)):
+        items = [eps]
+    else:
+        try:
+            items = list(eps)
+        except TypeError:
+            raise InputError("eps", f"expected a number or a list of numbers, got {eps!r}") from None
+    out: list = []
+    for item in items:
+        if not isinstance(item, str):
+            out.append(item)
+            continue
+        for part in (p.strip() for p in item.split(",")):
+            if not part:
+                continue
+            try:
+                out.append(float(Fraction(part)) if "/" in part else float(part))
+            except (ValueError, ZeroDivisionError):
+                raise InputError("eps", f"not a number: {part!r} (give numbers, or text like '0.1' or "
+                                        "'8/255')") from None
+    return out
+
+
+def check_model_name(name: Any, argument: str = "name") -> None:
+    """Model names become parts of examples.npz entry names (`adv|MODEL|...`, paths when the archive is
+    unzipped) and of report anchors: refuse '|' (the key separator), control characters and '..' as a
+    path component (a name like ../../x would climb out of an unzipped archive)."""
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(argument, f"a model name must be a non-empty string, got {name!r}")
+    problems = (["'|' (the separator of examples.npz keys)"] if "|" in name else []) + \
+        ([f"a control character ({next(c for c in name if ord(c) < 32 or ord(c) == 127)!r})"]
+         if any(ord(c) < 32 or ord(c) == 127 for c in name) else []) + \
+        (["'..' as a path component"] if ".." in name.replace("\\", "/").split("/") else []) + \
+        (["only dots"] if set(name.strip()) == {"."} else [])
+    if problems:
+        raise InputError(argument, f"model name {name!r} contains {problems[0]}; model names become entry and "
+                                   "file names, so choose another (e.g. letters, digits and . _ - + ( ) =)")
+
+
+def _warn_unused_options(built: Sequence[Attack], **options: Any) -> None:
+    """--steps/--restarts/--loss reach only attacks whose registration takes them: given with none of
+    those (e.g. FGSM alone), say they are ignored rather than ignore them silently."""
+    for option, value in options.items():
+        if value is None:
+            continue
+        takers = [a for a in built if option in getattr(attack_registry.entry(a.name), "audit_options", ())]
+        if not takers:
+            run = ", ".join(a.label for a in built)
+            warnings.warn(f"{option}={value} is ignored: none of the attacks run ({run}) takes it",
+                          RobustlabWarning, stacklevel=4)
 
 
 def _build_attack(spec: str | Attack, norm: str, *, steps, restarts, loss) -> Attack:

@@ -197,7 +197,60 @@ CLI_CASES = [
                                                      + ":load"], "data", "expected (x, y) arrays"),
     CliCase("data-labels-out-of-range", lambda t: ["--data", _npz(t, x=_x(), y=np.full(8, 99))], "y", "99"),
     CliCase("data-labels-negative", lambda t: ["--data", _npz(t, x=_x(), y=np.full(8, -1))], "y", "-1"),
+    CliCase("data-directory", lambda t: ["--data", str(_folder(t))], "data",
+            "holds no class subfolders; expected one subfolder per class"),
+    CliCase("data-directory-named-npz", lambda t: ["--data", str(_folder(t, "d.npz"))], "data",
+            "is a directory; expected 'digits', an .npz file"),
+    # options that name themselves (issue 19; before: "not a number: 'abc'", "eps: ...", "x: ... index 268")
+    CliCase("eps-not-a-number", lambda t: ["--eps", "abc"], "--eps", "not a number: 'abc'"),
+    CliCase("eps-divides-by-zero", lambda t: ["--eps", "8/0"], "--eps", "'8/0' divides by zero"),
+    CliCase("bounds-not-a-number", lambda t: ["--bounds", "0,x"], "--bounds", "not a number: 'x'"),
+    CliCase("fail-under-value-not-a-number", lambda t: ["--fail-under", "robust_accuracy=abc"], "--fail-under",
+            "'abc' is not a number"),
+    CliCase("fail-under-eps-not-audited", lambda t: ["--fail-under", "robust_accuracy=0.5@0.3"], "--fail-under",
+            "eps 0.3 is not audited"),
+    CliCase("require-eps-not-audited", lambda t: ["--require", "robust_accuracy>=0.5@8/255"], "--require",
+            "is not audited"),
+    CliCase("defend-eps-not-a-number", lambda t: [*_factory(t), "--defend", "pgd-at", "--defend-eps", "abc"],
+            "--defend-eps", "not a number: 'abc'"),
+    CliCase("defend-eps-negative", lambda t: [*_factory(t), "--defend", "pgd-at", "--defend-eps", "-1"],
+            "--defend-eps", "must be a finite number >= 0"),
+    CliCase("defend-eps-too-large", lambda t: [*_factory(t), "--defend", "pgd-at", "--defend-eps", "8"],
+            "--defend-eps", "8 is larger than the input range 1"),
+    CliCase("train-data-nan", lambda t: [*_factory(t), "--defend", "pgd-at", "--train-data", _nan_train(t)],
+            "train-data", "NaN or infinite values (in 1 samples, e.g. index 13)"),
+    CliCase("name-with-a-path", lambda t: ["--name", "../evil"], "name", "contains '..' as a path component"),
+    CliCase("name-with-the-key-separator", lambda t: ["--name", "a|b"], "name", "contains '|'"),
+    # --out, checked before any work
+    CliCase("out-is-a-file", lambda t: ["--out", _garbage(t, "out-file")], "out", "exists and is not a directory"),
+    CliCase("out-holds-other-files", lambda t: ["--out", str(_results_with(t, "notes.txt"))], "out",
+            "holds files robustlab did not write (notes.txt)"),
+    CliCase("out-not-empty-not-results", lambda t: ["--out", str(_folder(t))], "out",
+            "is not empty and holds no robustlab results"),
 ]
+
+
+def _folder(t: Path, name: str = "folder") -> Path:
+    (t / name).mkdir(exist_ok=True)
+    (t / name / "keep.txt").write_text("the user's\n")
+    return t / name
+
+
+def _factory(t: Path) -> list[str]:
+    return ["--model", "robustlab.zoo:digits_cnn", "--weights", _weights(t, digits_model().state_dict())]
+
+
+def _nan_train(t: Path) -> str:
+    x = digits_test().x[:20].numpy().copy()
+    x[13, 0, 4, 4] = np.nan
+    return _npz(t, "train.npz", x=x, y=digits_test().y[:20].numpy())
+
+
+def _results_with(t: Path, extra: str) -> Path:
+    out = t / "previous"
+    _audit(digits_model(), (_x(), _y())).save(out)
+    (out / extra).write_text("the user's\n")
+    return out
 
 
 def _empty(t: Path) -> str:
@@ -256,16 +309,24 @@ def test_cli_bad_input(case: CliCase, tmp_path, capsys):
         args += ["--data", _digits_npz(tmp_path)]
     if "--model" not in args:
         args += ["--model", _traced(tmp_path, digits_model())]
-    out = tmp_path / "out"
-    before = sorted(p.name for p in tmp_path.iterdir())
-    code = main(["audit", *args, "--out", str(out), *FAST])
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    before = _tree(tmp_path)
+    try:
+        code = main(["audit", *FAST, *args])  # the case's options after FAST's, so that they win
+    except SystemExit as exit:  # command-line values argparse-style (parser.exit): the same contract
+        code = exit.code
     captured = capsys.readouterr()
     assert code == 2, captured.err
     assert captured.err.startswith(f"robustlab audit: error: {case.argument}: "), captured.err
     assert case.words in captured.err, captured.err
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err + captured.out
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing else written either
+    assert not (tmp_path / "out").exists()
+    assert _tree(tmp_path) == before  # nothing else written or changed either
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else b"" for p in folder.rglob("*")}
 
 
 # ---------------------------------------------------------------------------- API cases
@@ -324,7 +385,43 @@ API_CASES = [
             "not whole numbers"),
     ApiCase("dataloader-string-labels", lambda t: load_data(torch.utils.data.DataLoader(
         _Items([(torch.zeros(1, 8, 8), "cat")] * 4), batch_size=2)), "y", "labels are strings"),
+    # issue 19: before, eps="0.1" was "got '0'" (iterated) and a name with ../ became entry names
+    ApiCase("audit-eps-text-not-a-number", lambda t: robustlab.audit(digits_model(), (_x(), _y()), attacks="fgsm",
+                                                                     eps="abc", suite="none", checks="none",
+                                                                     progress=False), "eps", "not a number: 'abc'"),
+    ApiCase("audit-eps-none", lambda t: robustlab.audit(digits_model(), (_x(), _y()), eps=None, suite="none",
+                                                        checks="none", progress=False), "eps",
+            "expected a number or a list of numbers"),
+    ApiCase("audit-name-with-a-path", lambda t: _audit(digits_model(), (_x(), _y()), name="../../evil"), "name",
+            "contains '..' as a path component"),
+    ApiCase("audit-dict-key-with-a-path", lambda t: _audit({"a\\..\\b": digits_model()}, (_x(), _y())), "model",
+            "contains '..' as a path component"),
+    ApiCase("audit-name-with-a-newline", lambda t: _audit(digits_model(), (_x(), _y()), name="a\nb"), "name",
+            "contains a control character"),
+    ApiCase("audit-name-dot-dot", lambda t: _audit(digits_model(), (_x(), _y()), name="."), "name",
+            "contains only dots"),
+    ApiCase("save-into-a-folder-of-other-files", lambda t: _audit(digits_model(), (_x(), _y())).save(_folder(t)),
+            "out", "is not empty and holds no robustlab results"),
+    ApiCase("load-results-json-a-list", lambda t: robustlab.load(_results_json(t, [1, 2])), "results",
+            "holds a JSON list"),
+    ApiCase("load-results-json-without-summary", lambda t: robustlab.load(_results_json(
+        t, {"schema": "robustlab.results/2", "metadata": {}})), "results", "has no summary records"),
+    ApiCase("load-results-json-binary", lambda t: robustlab.load(_results_json(t, b"\x80\x04binary")), "results",
+            "cannot read"),
+    ApiCase("load-missing-directory", lambda t: robustlab.load(t / "nope"), "results", "has no results.json"),
 ]
+
+
+def _results_json(t: Path, document) -> Path:
+    import json
+
+    (t / "r").mkdir()
+    path = t / "r" / "results.json"
+    if isinstance(document, bytes):
+        path.write_bytes(document)
+    else:
+        path.write_text(json.dumps(document))
+    return t / "r"
 
 
 @pytest.mark.parametrize("case", API_CASES, ids=[c.id for c in API_CASES])
@@ -394,3 +491,127 @@ def test_traced_dropout_in_training_mode_loads_with_a_note(tmp_path):
         mut = load_model(path)
     assert any("dropout" in note for note in mut.load_notes)
     assert zoo  # the zoo's masking models are exercised in tests/test_hooks_formats.py
+
+
+def test_single_strings_for_attacks_and_eps_are_one_attack_and_one_budget():
+    """Before: attacks="pgd" was "unknown attack 'p'" and eps="0.1" was "got '0'"."""
+    data = (_x(), _y())
+    as_text = robustlab.audit(digits_model(), data, attacks="fgsm", eps="0.1, 8/255", suite="none", checks="none",
+                              progress=False)
+    as_lists = robustlab.audit(digits_model(), data, attacks=["fgsm"], eps=[0.1, 8 / 255], suite="none",
+                               checks="none", progress=False)
+    assert as_text.summary.equals(as_lists.summary.assign(seconds=as_text.summary["seconds"]))
+
+
+@pytest.mark.parametrize("options, ignored", [(dict(steps=5), "steps=5"), (dict(restarts=3), "restarts=3"),
+                                              (dict(steps=5, restarts=2), "restarts=2")])
+def test_steps_and_restarts_with_fgsm_alone_are_said_to_be_ignored(options, ignored):
+    with pytest.warns(UserWarning, match=f"{ignored} is ignored: none of the attacks run \\(fgsm\\) takes it"):
+        _audit(digits_model(), (_x(), _y()), **options)
+
+
+def test_steps_reaching_an_attack_are_not_called_ignored(recwarn):
+    robustlab.audit(digits_model(), (_x(), _y()), attacks=["fgsm", "pgd"], eps=[0.1], steps=2, restarts=1,
+                    suite="none", checks="none", progress=False)
+    assert not [w for w in recwarn if "is ignored" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------- report, compare, load (CLI)
+@dataclass(frozen=True)
+class ReadCase:
+    id: str
+    build: Callable[[Path], Path]  # tmp folder -> a results directory
+    words: str
+
+
+def _tampered(t: Path) -> Path:
+    out = t / "r"
+    _audit(digits_model(), (_x(), _y())).save(out)
+    text = (out / "samples.csv").read_text()
+    assert ",fgsm," in text
+    (out / "samples.csv").write_text(text.replace(",fgsm,", ",pgd,", 1))  # edited after the audit
+    return out
+
+
+READ_CASES = [
+    ReadCase("results-json-a-list", lambda t: _results_json(t, [1, 2]), "holds a JSON list"),
+    ReadCase("results-json-without-summary", lambda t: _results_json(t, {"schema": "robustlab.results/2"}),
+             "has no summary records"),
+    ReadCase("results-json-not-json", lambda t: _results_json(t, b"not json"), "cannot read"),
+    ReadCase("results-json-other-schema", lambda t: _results_json(t, {"schema": "other/1", "summary": []}),
+             "has schema 'other/1'"),
+    ReadCase("samples-changed-after-the-audit", _tampered, "samples.csv does not match the digest"),
+]
+
+
+@pytest.mark.parametrize("case", READ_CASES, ids=[c.id for c in READ_CASES])
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_report_and_compare_refuse_bad_results(case: ReadCase, command: str, tmp_path, capsys):
+    directory = case.build(tmp_path)
+    before = _tree(tmp_path)
+    argv = ["report", str(directory)] if command == "report" else \
+        ["compare", str(directory), str(directory), "-o", str(tmp_path / "diff.md")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"robustlab {command}: error: ") and case.words in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert _tree(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------- --out that cannot be written
+def _read_only_runner(directory: Path) -> list[str]:
+    """A command prefix under which `directory` is read-only: chmod for an ordinary user; for root (whom
+    permissions do not stop) a private read-only bind mount (unshare -m); skipped where neither works."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        return []
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("running as root without unshare -m: no way to make a directory read-only")
+    script = (f'mount --bind "{directory}" "{directory}" && mount -o remount,bind,ro "{directory}" && '
+              'exec "$0" "$@"')
+    return ["unshare", "-m", "sh", "-c", script]
+
+
+@pytest.mark.parametrize("where", ["existing-results", "under-it"])
+def test_out_on_a_read_only_directory_is_refused_before_any_work(where, tmp_path):
+    """Before: the audit ran to the end and failed at save time, losing the whole run."""
+    import os
+    import subprocess
+    import sys
+
+    directory = _results_with(tmp_path, "report.html")  # an earlier result: robustlab's files only
+    out = directory if where == "existing-results" else directory / "new"
+    before = _tree(directory)
+    prefix = _read_only_runner(directory)
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-m", "robustlab", "audit", *FAST, "--model",
+                               _traced(tmp_path, digits_model()), "--data", _digits_npz(tmp_path), "--out", str(out)],
+                              capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    finally:
+        directory.chmod(0o755)
+    assert done.returncode == 2, done.stderr
+    expected = "is read-only" if where == "existing-results" else f"cannot write under {directory}"
+    assert done.stderr.startswith("robustlab audit: error: out: ") and expected in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stdout == ""
+    assert _tree(directory) == before
+
+
+def test_explain_saliency_on_a_torchscript_model_with_trainable_parameters(tmp_path, capsys):
+    """Before: the sanity check's copy of a ScriptModule had non-leaf parameters, and --explain saliency
+    died after every attack (RuntimeError: you can only change requires_grad flags of leaf variables).
+    A plain torch.jit.trace of a trained model keeps requires_grad=True: the common case."""
+    import json
+
+    model = _cnn()
+    assert all(p.requires_grad for p in model.parameters())
+    out = tmp_path / "out"
+    code = main(["audit", *FAST, "--model", _traced(tmp_path, model), "--data", _digits_npz(tmp_path), "--explain",
+                 "saliency", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    info = json.loads((out / "results.json").read_text())["metadata"]["explain"]["m"]
+    assert info["skipped"] == {} and "saliency" in info["seconds"]
+    assert "reflects the model" in (out / "explain_sanity.csv").read_text()

@@ -98,7 +98,7 @@ class CW(Attack):
             active = torch.ones(n, dtype=torch.bool, device=x.device)
             previous = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
             steps_run = 0
-            for step in range(self.steps):
+            for step in self.progress(range(self.steps)):
                 delta.requires_grad_(True)
                 with torch.enable_grad():
                     x_adv = to_input(w0 + delta)

@@ -59,7 +59,7 @@ class MIFGSM(Attack):
         momentum = torch.zeros_like(xw)
         x_adv, best = xw.clone(), x.clone()
         found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for _ in range(self.steps):
+        for _ in self.progress(range(self.steps)):
             point = contain(x, x_adv.to(x.dtype), eps64, norm, model.bounds, sync=False)
             logits, _, grad = loss_and_gradient(model, point.to(xw.dtype), y, targets, self.loss)
             hit = succeeded(logits, y, targets) & ~found

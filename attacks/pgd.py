@@ -114,7 +114,7 @@ class PGD(Attack):
                 x_adv = torch.minimum(torch.maximum(xw + norm.project(start, eps_t), low), high)
             else:
                 x_adv = xw.clone()
-            for _ in range(self.steps):
+            for _ in self.progress(range(self.steps)):
                 point = contained(x_adv)
                 draws, _, grad = draws_loss_and_gradient(model, point.to(xw.dtype), y, targets, self.loss,
                                                          self.eot_samples)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Callable
 
 from robustlab import progress
@@ -55,16 +56,27 @@ def level_for(verbose: int = 0, quiet: bool = False) -> int:
 
 
 def install(level: int) -> Callable[[], None]:
-    """Send robustlab's messages at `level` and above to stderr; returns the undo (handler removed,
-    level restored), so an in-process caller (a test calling robustlab.cli.main) leaves no trace."""
+    """Send robustlab's messages at `level` and above to stderr, and Python warnings as one warning
+    line each (not the file:line and source line Python shows); returns the undo (handler removed,
+    level and warning display restored), so an in-process caller (a test calling
+    robustlab.cli.main) leaves no trace."""
     logger = logging.getLogger(ROOT)
     handler = _Handler(level)
     handler.setFormatter(_Formatter())
     previous = logger.level
     logger.addHandler(handler)
     logger.setLevel(level)
+    shown = warnings.showwarning
+    warned = get_logger("robustlab.warnings")
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+        ours = category.__name__ == "RobustlabWarning"
+        warned.warning(str(message) if ours else f"{category.__name__}: {message}")
+
+    warnings.showwarning = show
 
     def undo() -> None:
         logger.removeHandler(handler)
         logger.setLevel(previous)
+        warnings.showwarning = shown
     return undo

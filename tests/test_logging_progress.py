@@ -69,6 +69,25 @@ def test_status_lines_by_default_and_quiet_before_or_after_the_command(scripted,
     _robustlab_logger_is_untouched()
 
 
+def test_cli_warnings_are_one_line_each_without_source_lines(tmp_path, capsys):
+    """A RobustlabWarning (here: a factory audited at its random initialisation) reaches a CLI user as
+    one '[robustlab] warning:' line, not Python's 'file.py:123: RobustlabWarning' and source line."""
+    factory = tmp_path / "net.py"
+    factory.write_text("import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Flatten(), "
+                       "torch.nn.Linear(64, 10))\n")
+    import warnings
+
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["audit", "--model", f"{factory}:build", "--random-init", "--out", str(tmp_path / "a"), *FAST]) == 0
+        assert warnings.showwarning is shown  # main restores Python's display when it returns
+    _, err = capsys.readouterr()
+    warned = [line for line in err.splitlines() if "warning" in line.lower()]
+    assert warned and all(line.startswith("[robustlab] warning: ") for line in warned), err
+    assert "untrained model" in err and "RobustlabWarning" not in err and "warnings.warn" not in err
+
+
 def test_verbose_adds_debug_lines(scripted, tmp_path, capsys):
     assert main(["audit", "--model", scripted, "--out", str(tmp_path / "a"), *FAST, "-v"]) == 0
     err = capsys.readouterr().err

@@ -72,11 +72,15 @@ def render(results_dir: str | os.PathLike, out: str | os.PathLike | None = None)
     return _write(target, render_html(result))
 
 
-def write_summary(results_dir: str | os.PathLike) -> Path:
-    """Write results_dir/summary.md: verdict, thresholds, key figures, in markdown."""
+def write_summary(results_dir: str | os.PathLike, *, named: str | os.PathLike | None = None) -> Path:
+    """Write results_dir/summary.md: verdict, thresholds, key figures, in markdown.
+
+    named: where results_dir will be, when it is a new version not yet swapped in
+    (robustlab.results.AuditResult.save(also=...)): the report's path is shown there."""
     result = _load(results_dir)
     report = Path(results_dir) / REPORT_NAME
-    text = _markdown.summary(result, report=str(report) if report.exists() else None)
+    shown = Path(named) / REPORT_NAME if named is not None else report
+    text = _markdown.summary(result, report=str(shown) if report.exists() else None)
     return _write(Path(results_dir) / SUMMARY_NAME, text)
 
 

@@ -587,7 +587,7 @@ def _finish(result, out: str, requirements: list, *, defended: dict | None = Non
             from robustlab.defenses.recipes import save_models
 
             save_models(defended, new / "models", base=base, base_spec=base_spec, named=Path(out) / "models")
-        _render(str(new))  # from the saved files alone, as `robustlab report` would
+        _render(str(new), named=out)  # from the saved files alone, as `robustlab report` would
 
     result.save(out, also=complete)
     _SAVED.append(out)
@@ -631,11 +631,12 @@ def _judgement_line(j: dict) -> str:
     return f"{head}: {where}: {'; '.join(parts)}{note}"
 
 
-def _render(directory: str, out: str | None = None) -> tuple:
+def _render(directory: str, out: str | None = None, *, named: str | None = None) -> tuple:
+    """report.html (or `out`) and summary.md of `directory`; `named`: where a new directory will be."""
     from robustlab.reports import render, write_summary
 
     report = render(directory, out)
-    return report, write_summary(directory)
+    return report, write_summary(directory, named=named)
 
 
 @contextlib.contextmanager

@@ -321,3 +321,19 @@ def test_an_old_checkpoint_without_a_manifest_restarts_loudly(training, tmp_path
     assert any("without a manifest" in line for line in lines)
     assert "weights.safetensors" not in os.listdir(tmp_path)  # replaced by the verified format
     assert np.isfinite(model.training_history[0]["loss"])
+
+
+def test_the_cli_names_the_final_directory_not_the_new_copy(tmp_path, capsys, monkeypatch):
+    """The report and summary are rendered into the new copy before the swap; what they say names OUT."""
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "m.pt"
+    torch.jit.trace(digits_model(), digits_test().x[:2]).save(str(model))
+    np.savez(tmp_path / "d.npz", x=digits_test().x[:8].numpy(), y=digits_test().y[:8].numpy())
+    out = Path("out")
+    for _ in range(2):  # a fresh directory, then over the previous result
+        assert main(["audit", "--model", str(model), "--data", str(tmp_path / "d.npz"), "--n", "8", "--attack",
+                     "fgsm", "--eps", "0.1", "--suite", "none", "--checks", "none", "--quiet", "--out", str(out)]) == 0
+        assert "Full report: `out/report.html`" in (out / "summary.md").read_text()
+        assert all(".robustlab-" not in p.read_text(errors="replace") for p in out.iterdir())
+        assert load(out).verified and _hidden_leftovers(tmp_path) == []
+    assert "report: out/report.html" in capsys.readouterr().out

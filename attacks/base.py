@@ -16,7 +16,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, TypeVar
+from typing import Any, ClassVar, Iterable, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from .losses import succeeded
 EOT_VERIFY_DRAWS = 100
 
 T = TypeVar("T")
+A = TypeVar("A", bound="Attack")  # replace() keeps the attack's own class
 _log = get_logger(__name__)
 
 
@@ -104,7 +105,7 @@ class Attack:
         """The attack's name in results rows (subclasses add what tells configurations apart)."""
         return self.name
 
-    def replace(self, **changes) -> "Attack":
+    def replace(self: A, **changes: Any) -> A:
         return dataclasses.replace(self, **changes)
 
     def config(self) -> dict:

@@ -53,7 +53,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypedDict
 
 import torch
 
@@ -73,7 +73,15 @@ DEFAULT_P_INIT = {"linf": 0.05, "l2": 0.1}  # the paper's standard values
 
 # AutoAttack's Square (fra31/auto-attack, autoattack.py, version "standard"): the published defaults.
 # Use them wherever a Square run decides a verdict (robustlab.integrity's black-box probe and adaptive Square).
-PUBLISHED = {"queries": 5000, "p_init": 0.8, "rescale": False}
+class SquareSettings(TypedDict):
+    """Square's schedule settings (the fields of Square that PUBLISHED fixes)."""
+
+    queries: int
+    p_init: float
+    rescale: bool
+
+
+PUBLISHED: SquareSettings = {"queries": 5000, "p_init": 0.8, "rescale": False}
 
 
 def p_selection(p_init: float, it: int, n_iters: int, rescale: bool = True) -> float:
@@ -257,7 +265,8 @@ class _Run:
         return delta.to(x.dtype)
 
     # ------------------------------------------------------------------ steps
-    def window(self, p: float, h: int, w: int, c: int, minimum: int, odd: bool, cap_below_size: bool):
+    def window(self, p: float, h: int, w: int, c: int, minimum: int, odd: bool,
+               cap_below_size: bool) -> tuple[int, int]:
         """Window (height, width) covering about a fraction p of each channel's features."""
         if h == 1:
             side = max(int(round(p * w)), minimum)

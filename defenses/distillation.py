@@ -82,8 +82,9 @@ def distill(teacher: nn.Module, train_data, *, temperature: float = 20.0, epochs
     _fit(student, x, lambda logits, idx: -(soft[idx] * F.log_softmax(logits / T, dim=1)).sum(1).mean(),
          epochs, lr, batch_size, seed + 1)
     # 4. deployed at T = 1: raw logits
-    student.distillation = {"temperature": T, "teacher_epochs": teacher_epochs, "epochs": epochs}  # type: ignore[attr-defined]
-    student.defense = {"defense": "distillation", "temperature": T, "teacher_epochs": teacher_epochs,  # type: ignore[attr-defined]
+    # (torch types Module.__setattr__'s value as Tensor | Module, but any plain attribute is allowed)
+    student.distillation = {"temperature": T, "teacher_epochs": teacher_epochs, "epochs": epochs}  # type: ignore[assignment]
+    student.defense = {"defense": "distillation", "temperature": T, "teacher_epochs": teacher_epochs,  # type: ignore[assignment]
                        "epochs": epochs, "lr": float(lr), "batch_size": batch_size, "seed": seed,
                        "deployed_temperature": 1.0, "train_data": data.source, "train_sha256": data.fingerprint()}
     return student.eval()

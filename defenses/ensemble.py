@@ -69,7 +69,7 @@ class Ensemble(nn.Module):
         with torch.no_grad():
             logits = [m(x) for m in self.members]
             k = logits[0].shape[1]
-            votes = sum(nn.functional.one_hot(z.argmax(1), k) for z in logits).to(logits[0].dtype)
+            votes = torch.stack([nn.functional.one_hot(z.argmax(1), k) for z in logits]).sum(0).to(logits[0].dtype)
         return _NoBackward.apply(x, votes) if x.requires_grad else votes
 
     def extra_repr(self) -> str:
@@ -115,7 +115,8 @@ def ensemble(models: Sequence[nn.Module], combine: str = "logits", *, example_in
     if len(set(counts)) > 1:
         raise InputError("models", f"members must have the same number of classes, got {counts}")
     built = Ensemble(members, combine).eval()
-    built.defense = {"defense": "ensemble", "combine": combine, "members": len(members),  # type: ignore[attr-defined]
+    # torch types Module.__setattr__'s value as Tensor | Module, but any plain attribute is allowed
+    built.defense = {"defense": "ensemble", "combine": combine, "members": len(members),  # type: ignore[assignment]
                      "member_defenses": [getattr(m, "defense", {}).get("defense", "none") for m in members],
                      **({"attacked_through": "transfer from the averaged-logits surrogate"} if combine == "vote" else {})}
     return built

@@ -59,8 +59,9 @@ def reinitialise(module: nn.Module, seed: int) -> None:
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        if callable(getattr(module, "reset_parameters", None)):
-            module.reset_parameters()
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
             return
         for p in module.parameters(recurse=False):
             scale = float(p.detach().double().std()) if p.numel() > 1 else 1.0
@@ -175,6 +176,7 @@ def cascading_randomization(model: ModelUnderTest, x: Tensor, target: Tensor, *,
 
     original = run(model)
     clone = _copy(model, x)
+    assert isinstance(clone.module, nn.Module)  # _copy wraps a deep copy of the nn.Module
     modules = dict(clone.module.named_modules())
     rows: list[dict] = []
 

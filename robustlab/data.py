@@ -94,8 +94,8 @@ class Dataset:
 
 def digits_split(split: str = "test") -> Dataset:
     """scikit-learn's digits as 1x8x8 images in [0, 1]; a fixed stratified split (75/25)."""
-    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
-    from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     x = np.ascontiguousarray((bunch.images / 16.0).astype(np.float32)[:, None])  # standard layout, like iterates
@@ -118,8 +118,8 @@ def breast_cancer_split(split: str = "test") -> Dataset:
     """scikit-learn's breast-cancer data (30 features), standardised with the training split's mean and std,
     then scaled by the training split's range into [0, 1] (clipped), so it fits the default bounds; a fixed
     stratified split (70/30). Carries sklearn's feature names and class names."""
-    from sklearn.datasets import load_breast_cancer  # type: ignore[import-untyped]
-    from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import train_test_split
 
     if split not in ("train", "test"):
         raise InputError("split", f"expected 'train' or 'test', got {split!r}")

@@ -6,13 +6,25 @@ import json
 import os
 import tempfile
 from pathlib import Path
-
+from typing import TypedDict
 
 from robustlab.data import digits_split
 from robustlab.training import accuracy, seeded_init, train_classifier
 from robustlab.zoo import DigitsCNN
 
-RECIPE = {"model": "DigitsCNN(width=16)", "data": "digits:train", "epochs": 40, "lr": 3e-3, "batch_size": 64,
+class Recipe(TypedDict):
+    """How the demo CNN is trained; written beside the cached weights, its version names the file."""
+
+    model: str
+    data: str
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    version: int
+
+
+RECIPE: Recipe = {"model": "DigitsCNN(width=16)", "data": "digits:train", "epochs": 40, "lr": 3e-3, "batch_size": 64,
           "seed": 0, "version": 2}
 
 

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -203,7 +204,7 @@ def evaluate_robust(result: AuditResult | pd.DataFrame, *, attack: str | Sequenc
     return checks
 
 
-def _threshold(kind: str, metric: str, required: float, row: Mapping, base: dict,
+def _threshold(kind: str, metric: str, required: float, row: Mapping | pd.Series, base: dict,
                evaluations: list[dict]) -> GateCheck:
     judged = verdicts.judge_row(metric, required, row, evaluations)
     measured = float(row[metric])
@@ -235,7 +236,7 @@ def _threat_key(row: Mapping) -> tuple:
     return str(row.get("model")), str(row.get("norm")), None if eps is None else round(eps, 12)
 
 
-def _certified_threshold(required: float, row: Mapping, base: dict, certificates: dict[tuple, pd.Series],
+def _certified_threshold(required: float, row: Mapping | pd.Series, base: dict, certificates: dict[tuple, pd.Series],
                          evaluations: list[dict]) -> GateCheck:
     """certified_accuracy >= required on the certificate row of `row`'s threat model; a model the audit
     could not certify (no row: e.g. a layer the bounds do not support) cannot be judged."""
@@ -477,11 +478,11 @@ def requirements_file(path: str | os.PathLike, *, argument: str = "--requirement
 
 
 def _toml(file: Path, argument: str) -> dict:
-    try:
-        import tomllib  # Python 3.11+
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
         try:
-            import tomli as tomllib  # type: ignore[no-redef, import-not-found]
+            import tomli as tomllib
         except ModuleNotFoundError:
             raise InputError(argument, f"reading {file} needs Python 3.11+ or the tomli package "
                                        "(pip install tomli)") from None
@@ -635,7 +636,7 @@ def _frame(records: list) -> pd.DataFrame:
     return frame
 
 
-def _row_key(row: Mapping) -> tuple:
+def _row_key(row: Mapping | pd.Series) -> tuple:
     eps = _number(row.get("eps"))
     return (str(row.get("model")), str(row.get("attack")), str(row.get("norm")),
             None if eps is None else round(eps, 12), str(row.get("targeted")))
@@ -646,7 +647,7 @@ def _key_text(key: tuple) -> str:
     return f"{model}/{attack}/{norm}/eps={'none' if eps is None else format(eps, 'g')}/{targeted}"
 
 
-def _row_fields(row: Mapping) -> dict:
+def _row_fields(row: Mapping | pd.Series) -> dict:
     eps = _number(row.get("eps"))
     return dict(model=str(row["model"]), attack=str(row["attack"]), norm=str(row["norm"]), eps=eps,
                 targeted=str(row["targeted"]), clean_accuracy=float(row["clean_accuracy"]), n=int(row["n"]))

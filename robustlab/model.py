@@ -62,7 +62,7 @@ def _as_bounds(bounds: Bounds | tuple | Sequence[float] | None) -> Bounds:
     if isinstance(bounds, Bounds):
         return bounds
     try:
-        low, high = bounds  # type: ignore[misc]
+        low, high = bounds
     except (TypeError, ValueError):
         raise InputError("bounds", f"expected (low, high), got {bounds!r}") from None
     return Bounds(low if isinstance(low, torch.Tensor) else float(low),

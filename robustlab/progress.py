@@ -153,7 +153,7 @@ def steps(iterable: Iterable[T], desc: str, *, total: int | None = None, unit: s
 
 
 def _tqdm(iterable: Iterable[Any] | None, **options: Any) -> Any:
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm
 
     tqdm.monitor_interval = 0  # no monitor thread
     if options["total"] is None and iterable is not None and hasattr(iterable, "__len__"):

@@ -400,7 +400,7 @@ def judge_requirements(summary: pd.DataFrame, evaluations: Sequence[Mapping],
     return out
 
 
-def judge_row(metric: str, required: float, row: Mapping, evaluations: Sequence[Mapping]) -> dict:
+def judge_row(metric: str, required: float, row: Mapping | pd.Series, evaluations: Sequence[Mapping]) -> dict:
     """The judgement of one summary row against `metric >= required`.
 
     basis: "certified" where a robust-accuracy requirement is met by the certified lower bound at that

@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad  # conv2d_input; torch.nn does not expose its grad submodule to type checkers
 from torch import nn
 
 

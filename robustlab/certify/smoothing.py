@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -154,5 +155,6 @@ class SmoothedClassifier(nn.Module):
         """certify(self's base, x, y, method="smoothing", sigma=self.sigma, ...): a CertifyOutcome."""
         from .api import certify
 
-        model = self._wrapped if self._wrapped is not None else self.base
+        # unwrapped, base is the nn.Module given (only a wrapped one's module may be a plain callable)
+        model = self._wrapped if self._wrapped is not None else cast(nn.Module, self.base)
         return certify(model, x, y, method="smoothing", sigma=self.sigma, **options)

@@ -23,7 +23,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Hashable, Mapping
 
 from robustlab import verdicts
 from robustlab.errors import InputError
@@ -52,7 +52,7 @@ def log_result(result: AuditResult | str | os.PathLike, *, tracking_uri: str | N
     return _log(client, load(directory), directory, tracking_uri, experiment, run_name)
 
 
-def metric_name(metric: str, row: Mapping[str, Any]) -> str:
+def metric_name(metric: str, row: Mapping[Hashable, Any]) -> str:
     """`METRIC/MODEL/ATTACK/NORM/eps_EPS/TARGETED`, with characters MLflow refuses replaced by '_'."""
     return _safe("/".join([metric, str(row.get("model")), str(row.get("attack")), str(row.get("norm")),
                            f"eps_{_eps(row.get('eps'))}", str(row.get("targeted", "none"))]))

@@ -20,7 +20,7 @@ the balls are nested, so an attack that was needed at eps is needed at every lar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
@@ -37,7 +37,7 @@ BLOCKER_SAMPLES = 64
 
 def margin_pgd(ctx: ModelContext) -> Extra | None:
     """The always-run margin-loss PGD (the audit's PGD settings with loss='margin')."""
-    pgd = ctx.attack("pgd")
+    pgd = cast("PGD | None", ctx.attack("pgd"))  # the attack registered as "pgd" is PGD
     if pgd is not None and pgd.loss == "margin":
         return None  # the audit's PGD already uses it
     attack = (pgd or PGD(norm=ctx.norm)).replace(loss="margin", eps=None)

@@ -126,8 +126,7 @@ def unbounded(ctx: ModelContext, evidence_by_mode: dict[str, ModeEvidence]) -> C
                 continue
             k = int((success & attacked).sum())
             key = label if mode == "none" else f"{label}[{mode}]"
-            attack = ctx.attack(label)
-            steps = getattr(attack, "steps", None)
+            steps = getattr(ctx.attack(label), "steps", None)
             judged = steps is None or steps >= MINIMAL_MIN_STEPS
             evidence[f"{key}_success_rate"] = k / n
             evidence[f"{key}_n"] = n

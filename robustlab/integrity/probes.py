@@ -28,7 +28,7 @@ such as the standard cascade whose Square member has the published settings); el
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import time
 
@@ -100,8 +100,9 @@ def _nothing_to_probe(base: dict) -> CheckResult:
 
 
 def stronger_pgd(ctx: ModelContext) -> PGD:
-    baseline = ctx.attack("pgd") or PGD(norm=ctx.norm, loss="margin")
-    return baseline.replace(steps=2 * baseline.steps, restarts=baseline.restarts + 1)  # type: ignore[return-value]
+    audit_pgd = cast("PGD | None", ctx.attack("pgd"))  # the attack registered as "pgd" is PGD
+    baseline = audit_pgd or PGD(norm=ctx.norm, loss="margin")
+    return baseline.replace(steps=2 * baseline.steps, restarts=baseline.restarts + 1)
 
 
 def convergence(ctx: ModelContext, ev: ModeEvidence, eps: float) -> CheckResult:
@@ -138,8 +139,9 @@ def random_noise(ctx: ModelContext, ev: ModeEvidence, eps: float) -> CheckResult
 def published_square(ctx: ModelContext, eps: float | None, queries: int | None = None) -> Square:
     """The Square attack with AutoAttack's published settings (5000 queries, p_init 0.8, absolute schedule);
     `queries` cuts it short (the same run, stopped earlier)."""
-    settings = dict(PUBLISHED, **({} if queries is None else {"queries": int(queries)}))
-    return Square(norm=ctx.norm, eps=eps, loss="margin", **settings)
+    return Square(norm=ctx.norm, eps=eps, loss="margin",
+                  queries=PUBLISHED["queries"] if queries is None else int(queries), p_init=PUBLISHED["p_init"],
+                  rescale=PUBLISHED["rescale"])
 
 
 def is_published(attack: Attack) -> bool:
@@ -157,7 +159,8 @@ def _published_square_ran(ctx: ModelContext) -> str | None:
     if ctx.via_transfer:
         return None
     for attack in ctx.attacks:
-        members = attack.members() if callable(getattr(attack, "members", None)) else (attack,)
+        members_of = getattr(attack, "members", None)
+        members = members_of() if callable(members_of) else (attack,)
         if any(is_published(m) for m in members):
             return getattr(attack, "label", attack.name)
     return None

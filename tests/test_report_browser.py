@@ -57,8 +57,8 @@ def reports(tmp_path_factory):
 class Visit:
     """A page opened from file:// with everything it did recorded."""
 
-    def __init__(self, browser, path: Path, **context):
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900}, **context)
+    def __init__(self, browser, path: Path, viewport: dict | None = None, **context):
+        self.context = browser.new_context(viewport=viewport or {"width": 1280, "height": 900}, **context)
         self.page = self.context.new_page()
         self.url = path.resolve().as_uri()
         self.errors: list[str] = []
@@ -174,5 +174,82 @@ def test_comparison_in_chromium(browser, reports, tmp_path):
         assert visit.page.locator("section#overview").is_visible()
         assert "better" in visit.page.locator("section#overview").inner_text()
         visit.shot(tmp_path, "compare")
+    finally:
+        visit.close()
+
+
+LAPTOP = {"width": 1366, "height": 768}
+# The demo-like report with every fold closed: the verdict (two cards, about one screen), the accuracy
+# table and curves (open on purpose, about one screen), and one headline line per folded part (about ten
+# lines). Four screens leave room for a wrapped line or two; the layout before the folds was 8.3 screens
+# with some details already folded (37 for the full demo).
+MAX_COLLAPSED_SCREENS = 4
+
+# For every table with a box: fits in the viewport, or sits in a box that scrolls sideways (overflow-x)
+# and itself fits; returns the offenders and how many boxes really scroll.
+TABLES_FIT = """() => {
+  const bad = [], scrolling = [];
+  for (const t of document.querySelectorAll('table')) {
+    const r = t.getBoundingClientRect();
+    if (r.width === 0) continue;
+    let box = t.parentElement;
+    while (box && !['auto', 'scroll'].includes(getComputedStyle(box).overflowX)) box = box.parentElement;
+    if (box && box !== document.documentElement && box !== document.body) {
+      const b = box.getBoundingClientRect();
+      if (b.left < 0 || b.right > innerWidth + 0.5) bad.push('box of ' + t.className + ' ends at ' + b.right);
+      if (box.scrollWidth > box.clientWidth + 1) scrolling.push(t.className);
+    } else if (r.left < 0 || r.right > innerWidth + 0.5) bad.push(t.className + ' ends at ' + r.right);
+  }
+  return {bad, scrolling};
+}"""
+
+
+def test_demo_report_is_compact_at_1366(browser, reports, tmp_path):
+    """At 1366x768: every section's headline is visible without opening anything, the detail is folded
+    under one-line summaries with their key figure, nothing is wider than the viewport, and every table
+    fits or scrolls in its own box (folds closed and opened)."""
+    visit = Visit(browser, reports["demo"], viewport=LAPTOP)
+    page = visit.page
+    try:
+        assert visit.errors == [] and visit.outside() == []
+        width = page.evaluate("window.innerWidth")
+        assert width == LAPTOP["width"]
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        collapsed = page.evaluate("document.documentElement.scrollHeight")
+        visit.shot(tmp_path, "report-demo-1366-collapsed")
+        assert collapsed <= MAX_COLLAPSED_SCREENS * LAPTOP["height"], f"{collapsed} px = {collapsed / 768:.1f} screens"
+        # the findings are open: the verdict cards, the accuracy table and its curves
+        assert page.locator("#verdict .card").first.is_visible()
+        assert page.locator("#accuracy table.accuracy").is_visible()
+        assert page.locator("#accuracy figure img").first.is_visible()
+        # the detail is folded, each fold one line that states a figure
+        folds = page.locator("details.fold")
+        assert folds.count() >= 7  # audited, summary records, targeted x1, per-class x2, norms x1, examples x2
+        for i in range(folds.count()):
+            fold = folds.nth(i)
+            if not fold.is_visible():  # inside a closed fold
+                continue
+            assert fold.get_attribute("open") is None, fold.inner_text()[:80]
+            summary = fold.locator(":scope > summary")
+            text = summary.inner_text()
+            assert re.search(r"\d", text), text
+            line = float(summary.evaluate("s => parseFloat(getComputedStyle(s).lineHeight)"))
+            assert summary.bounding_box()["height"] <= line + 16, text  # one line plus its padding
+        # every section past the two open ones is its heading, a note and its headlines
+        for sid in ("audited", "targeted", "per-class", "norms", "examples"):
+            height = page.locator(f"section#{sid}").bounding_box()["height"]
+            assert height <= 220, (sid, height)
+        assert page.evaluate(TABLES_FIT)["bad"] == []
+
+        page.evaluate("document.querySelectorAll('details').forEach(d => { d.open = true; })")
+        page.wait_for_timeout(100)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        tables = page.evaluate(TABLES_FIT)
+        assert tables["bad"] == [], tables["bad"]
+        assert tables["scrolling"], "no table is wider than the page here, so the scroll boxes were not exercised"
+        opened = page.evaluate("document.documentElement.scrollHeight")
+        assert opened > 2 * collapsed, (opened, collapsed)
+        visit.shot(tmp_path, "report-demo-1366-open")
+        assert visit.errors == []
     finally:
         visit.close()

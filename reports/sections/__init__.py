@@ -9,6 +9,13 @@ where `result` is a loaded `robustlab.results.AuditResult`. Sections that have n
 (no targeted rows, no minimal-perturbation runs, no image or tabular examples) do not apply and
 are left out, so later work (defenses, explanations, integrity checks) plugs in as one new module
 in `SECTIONS`, shown when its results are present.
+
+Layout: what a reader came for is open (the verdict, the accuracy table and curves, the defenses
+table); detail (per-class tables, matrices, histograms, example images, explanation tables, the
+audited configuration) sits in `html.fold`s, closed, each headed by one line with its key figure, so
+the page shows every section's headline without scrolling through its detail. A fold holding a
+failure a reader must not miss (a flagged saliency method, a failed sanity check; in the verdict,
+failed integrity checks) opens by itself. Printing opens every fold.
 """
 
 from __future__ import annotations

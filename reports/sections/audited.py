@@ -8,7 +8,7 @@ from typing import Any
 from robustlab.results import AuditResult
 
 
-from ..serializers.html import esc, table
+from ..serializers.html import esc, fold, table
 
 ID = "audited"
 TITLE = "What was audited"
@@ -53,7 +53,32 @@ def _short(v: Any) -> str:
 
 
 def render(result: AuditResult) -> str:
-    meta = result.metadata
+    # Folded: provenance a reader looks up, not a finding; the headline names models, data and run.
+    return fold(_headline(result.metadata), _detail(result.metadata))
+
+
+def _headline(meta: dict) -> str:
+    """'digits-cnn (38,282 parameters, sha256 e13c4991…) · digits:test, n=450 · fgsm, pgd, cw · took 1325.1 s'."""
+    described = meta.get("models") or {}
+    models = []
+    for name, info in described.items():
+        info = info or {}
+        params = info.get("parameters")
+        sha = str(info.get("sha256") or "")
+        about = ", ".join(x for x in (f"{params:,} parameters" if isinstance(params, int) else "",
+                                      f"sha256 {sha[:8]}…" if sha else "") if x)
+        # one model: its size and digest; several: their names only, so the headline stays one line
+        models.append(f"<b>{esc(name)}</b>" + (f" ({esc(about)})" if about and len(described) == 1 else ""))
+    data = meta.get("data") or {}
+    attacks = list(dict.fromkeys(str(c.get("attack")) for c in meta.get("attack_configs") or [] if c.get("attack")))
+    seconds = meta.get("seconds")
+    parts = [(f"{len(models)} models: " if len(models) > 1 else "") + (", ".join(models) or "no model recorded"),
+             esc(f"{data.get('source')}, n={data.get('n')}") if data else "",
+             esc(", ".join(attacks)), esc(f"took {seconds:.1f} s") if isinstance(seconds, (int, float)) else ""]
+    return " · ".join(p for p in parts if p)
+
+
+def _detail(meta: dict) -> str:
     parts = []
     for name, info in (meta.get("models") or {}).items():
         info = info or {}

@@ -15,7 +15,7 @@ import pandas as pd
 from robustlab.results import WORST_CASE, AuditResult, example_key
 
 from .. import facts, figures
-from ..serializers.html import esc
+from ..serializers.html import esc, fold
 
 ID = "examples"
 TITLE = "Adversarial examples"
@@ -102,17 +102,30 @@ def render(result: AuditResult) -> str:
             continue
         names = facts.class_names(result, model)
         modes = list(dict.fromkeys(result.summary.loc[result.summary["model"] == model, "targeted"]))
-        for index, mode in enumerate(modes):
+        for mode in modes:
             columns = _columns(result, model, mode)
             if not columns:
                 continue
             body = (_image_table if kind == "image" else _tabular_table)(result, model, mode, clean, ids, names, columns)
-            heading = f"{esc(model)}: {esc(facts.mode_label(mode))}"
-            if index == 0:
-                out.append(f"<h3>{heading}</h3>{body}")
-            else:
-                out.append(f"<details><summary>{heading}</summary>{body}</details>")
+            heading = f"<b>{esc(model)}: {esc(facts.mode_label(mode))}</b> · {_headline(result, model, mode, ids, columns)}"
+            # Folded, every one: pictures are what a figure looks like, not the figure; the headline counts
+            # the flips of the strongest attack at the largest budget.
+            out.append(fold(heading, body))
     return "".join(out)
+
+
+def _headline(result: AuditResult, model: str, mode: str, ids: list[int], columns) -> str:
+    """'8 samples; pgd at eps=0.2 changed 7 of 8 predictions' (the last budgeted column, else the first)."""
+    bounded = [c for c in columns if c[1] is not None]
+    attack, eps, _ = bounded[-1] if bounded else columns[0]
+    rows = _predictions(result, model, attack, eps, mode)
+    rows = rows[rows.index.isin(ids) & rows["attacked"].astype(bool)]
+    budget = f"at eps={eps:g}" if eps is not None else "without a budget"
+    if mode == facts.UNTARGETED:
+        changed = int((rows["adv_pred"] != rows["label"]).sum())
+        return f"{len(ids)} samples; {esc(attack)} {budget} changed {changed} of {len(rows)} predictions"
+    reached = int((rows["adv_pred"] == rows["target"]).sum())
+    return f"{len(ids)} samples; {esc(attack)} {budget} reached the target for {reached} of {len(rows)}"
 
 
 def _pred_line(row: pd.Series | None, names: list[str], label: int, mode: str) -> str:

@@ -14,7 +14,7 @@ import pandas as pd
 from robustlab.results import AuditResult
 
 from .. import facts, figures
-from ..serializers.html import cell, esc, table
+from ..serializers.html import cell, esc, fold, table
 
 ID = "explanations"
 TITLE = "What the attacks changed: explanations"
@@ -58,8 +58,7 @@ def _saliency(result: AuditResult, info: dict) -> str:
             cell(_num(r.get("sensitivity_max_median"), ".3g")), cell(_num(r.get("infidelity_median"), ".3g")),
             cell(_short_flag(flag), cls="l bad" if flag else "l")]) + "</tr>")
     methods = ", ".join(dict.fromkeys(str(m) for m in summary.get("method", pd.Series(dtype=str)).dropna()))
-    html = f"<h3>Saliency ({esc(methods.replace('_', ' '))}): how far the attribution moved</h3>"
-    html += table(["model", "inputs", "fooled", "Spearman", "top-10%", "completeness err.", "sensitivity", "infidelity",
+    html = table(["model", "inputs", "fooled", "Spearman", "top-10%", "completeness err.", "sensitivity", "infidelity",
                    "flag"], rows, sortable=True, text=2, cls="compact")
     if flags:
         html += '<ul class="checks">' + "".join(f'<li class="bad">{esc(f)}</li>' for f in flags) + "</ul>"
@@ -69,7 +68,23 @@ def _saliency(result: AuditResult, info: dict) -> str:
              'completeness fails on this model is flagged and its maps should not be trusted. <b>sensitivity</b> (max) '
              'and <b>infidelity</b> (captum.metrics): how much the explanation changes under small noise, and how '
              'well it predicts the output change (lower is better for both).</p>')
-    return html + _maps(result, "saliency", "Integrated-gradients maps of the true class")
+    html += _maps(result, "saliency", "Integrated-gradients maps of the true class")
+    adversarial = summary[summary["key"] != "clean"]
+    rho = _range(adversarial.get("spearman_median"))
+    headline = (f"<b>Saliency ({esc(methods.replace('_', ' '))})</b>: how far the attribution moved · "
+                + (f"median Spearman clean vs adversarial {rho} over {len(adversarial)} attacks" if rho else
+                   "no adversarial maps") + (f' · <span class="bad">{len(flags)} flagged</span>' if flags else ""))
+    # Open when flagged: a flag says these maps should not be trusted, which a reader must not miss.
+    return fold(headline, html, open=bool(flags))
+
+
+def _range(values) -> str:
+    """'0.12–0.94' (the smallest and the largest of the values), one value alone, or '' without any."""
+    found = [v for v in (_v(x) for x in (values if values is not None else [])) if v is not None]
+    if not found:
+        return ""
+    low, high = min(found), max(found)
+    return f"{low:.2f}" if high - low < 0.005 else f"{low:.2f}–{high:.2f}"
 
 
 def _short_flag(flag: str) -> str:
@@ -154,21 +169,24 @@ def _sanity(result: AuditResult) -> str:
     frame = result.tables.get("explain_sanity")
     if frame is None or frame.empty:
         return ""
-    rows = []
+    rows, reflect = [], 0
     for (model, method), block in frame.groupby(["model", "method"], sort=False):
         block = block.sort_values("step")
         last = block.iloc[-1]
         verdict = str(last.get("verdict", ""))
+        reflect += verdict.startswith("reflects")
         rows.append("<tr>" + "".join([
             cell(model, cls="l"), cell(method, cls="l"), cell(int(last["step"])),
             cell(_num(last.get("spearman_median"))), cell(_num(last.get("ssim_median"))),
             cell(verdict, cls="l " + ("ok" if verdict.startswith("reflects") else "bad"))]) + "</tr>")
-    return ("<h3>Sanity check: do the maps depend on the model?</h3>"
-            + table(["model", "method", "layers randomised", "Spearman vs trained", "SSIM vs trained", "verdict"],
-                    rows, text=2, cls="compact")
+    headline = (f"<b>Sanity check</b>: do the maps depend on the model? · {reflect} of {len(rows)} "
+                f"(model, method) pairs reflect the model")
+    # Open when a method fails it: its maps would not reflect what the model learned.
+    return fold(headline, table(["model", "method", "layers randomised", "Spearman vs trained", "SSIM vs trained",
+                                 "verdict"], rows, text=2, cls="compact")
             + '<p class="note">Cascading parameter randomisation (Adebayo et al. 2018): layers are re-initialised from '
               'the output down and the maps recomputed. A method whose maps stay similar (Spearman on the informative '
-              'region) does not reflect what the model learned.</p>')
+              'region) does not reflect what the model learned.</p>', open=reflect < len(rows))
 
 
 # ---------------------------------------------------------------------------- SHAP
@@ -177,16 +195,18 @@ def _shap(result: AuditResult, info: dict) -> str:
     samples = result.tables.get("explain_shap_samples")
     if shift is None or shift.empty:
         return ""
-    html = "<h3>SHAP: which features the attack exploited</h3>"
+    html = ""
     explainers = ", ".join(f"{esc(m)}: {esc(i.get('shap_explainer'))}" + (
         f" (fallback: {esc(i['shap_fallback'])})" if i.get("shap_fallback") else "")
         for m, i in info.items() if isinstance(i, dict) and i.get("shap_explainer"))
     if explainers:
         html += f'<p class="note">Explainer per model: {explainers}.</p>'
-    rows = []
+    rows, firsts = [], []
     for (model, key), block in shift.groupby(["model", "key"], sort=False):
         top = block.sort_values("rank").head(5)
         grid = _shap_grid(result, model)
+        if len(top):
+            firsts.append(facts.feature_label(result, str(model), top["feature"].iloc[0], grid))
         features = ", ".join(f"{esc(facts.feature_label(result, model, f, grid))} ({_num(c, '+.2g')})"
                              for f, c in zip(top["feature"], top["mean_change"]))
         rho = None
@@ -197,7 +217,12 @@ def _shap(result: AuditResult, info: dict) -> str:
                                       cell(_num(rho)), cell(features, cls="l")]) + "</tr>")
     html += table(["model", "inputs", "Spearman clean vs adv", "most changed features (mean change of the true "
                    "class's SHAP)"], rows, text=2, cls="compact")
-    return html + _maps(result, "shap", "SHAP values of the true class")
+    html += _maps(result, "shap", "SHAP values of the true class")
+    common = max(dict.fromkeys(firsts), key=firsts.count) if firsts else None
+    headline = ("<b>SHAP</b>: which features the attack exploited"
+                + (f" · most changed: {esc(common)} (first in {firsts.count(common)} of {len(firsts)} attacks)"
+                   if common is not None else ""))
+    return fold(headline, html)
 
 
 def _shap_grid(result: AuditResult, model: str) -> tuple[int, ...] | None:
@@ -212,7 +237,7 @@ def _probes(result: AuditResult) -> str:
     adversarial = result.tables.get("explain_probe_adversarial")
     if layers is None or layers.empty:
         return ""
-    html = "<h3>Layer probes: where the representation was pushed over</h3>"
+    html = ""
     for model, block in layers.groupby("model", sort=False):
         adv = adversarial[adversarial["model"] == model] if adversarial is not None else pd.DataFrame()
         keys = list(dict.fromkeys(adv["key"])) if len(adv) else []
@@ -235,15 +260,22 @@ def _probes(result: AuditResult) -> str:
              'adversarial activations (true label), and <b>AUC</b> of a probe separating clean from adversarial '
              'activations (0.5 = indistinguishable).</p>')
     crossing = result.tables.get("explain_probe_crossing")
+    crossed: list[str] = []
     if crossing is not None and not crossing.empty:
         items = []
         for _, r in crossing.iterrows():
             where = r.get("layer_not_true")
+            if isinstance(where, str) and where:
+                crossed.append(where)
             where = where if isinstance(where, str) and where else "no layer (fewer than half cross)"
             items.append(f"<li>{esc(r['model'])}, {esc(_key_label(r['key']))}: {esc(where)}</li>")
         html += "<p>First layer where the probes no longer see the true class (successful attacks):</p><ul>"
         html += "".join(items) + "</ul>"
-    return html
+    common = max(dict.fromkeys(crossed), key=crossed.count) if crossed else None
+    headline = ("<b>Layer probes</b>: where the representation was pushed over"
+                + (f" · first layer without the true class: {esc(common)} ({crossed.count(common)} of "
+                   f"{len(crossing)} attacks)" if common is not None and crossing is not None else ""))
+    return fold(headline, html)
 
 
 def _skipped(info: dict) -> str:

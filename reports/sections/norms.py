@@ -5,7 +5,7 @@ from __future__ import annotations
 from robustlab.results import AuditResult
 
 from .. import facts, figures
-from ..serializers.html import esc, figure
+from ..serializers.html import esc, figure, fold
 
 ID = "norms"
 TITLE = "Smallest adversarial perturbations"
@@ -35,7 +35,19 @@ def render(result: AuditResult) -> str:
                                "linf": ok["linf"].to_numpy()})
                 notes.append(f"{esc(facts.mode_label(mode))}: found for {len(ok)} of {len(m)} attacked "
                              f"({facts.pct(len(ok) / max(len(m), 1))})")
-            out.append(f"<h3>{esc(model)}: {esc(attack)}</h3>" + figure(
+            # Folded: the histograms are the distribution; the headline gives, per threat model, the median
+            # size in the audit's norm and how many were found.
+            out.append(fold(f"<b>{esc(model)}: {esc(attack)}</b> · " + "; ".join(
+                _headline(at[at["targeted"] == mode], mode) for mode in dict.fromkeys(at["targeted"])), figure(
                 figures.norm_histograms(series, eps_lines={norm: eps_list} if norm in ("l2", "linf") else {}),
-                f"minimal perturbation sizes of {attack} on {model}", "; ".join(notes) + "."))
+                f"minimal perturbation sizes of {attack} on {model}", "; ".join(notes) + ".")))
     return "".join(out)
+
+
+def _headline(rows, mode: str) -> str:
+    """'untargeted: median L2 0.83, found for 58 of 60', in the attack's own norm (Linf for a Linf attack)."""
+    norms = set(rows["norm"].dropna().astype(str)) if "norm" in rows else set()
+    column, label = ("linf", "Linf") if norms == {"linf"} else ("l2", "L2")
+    found = rows[rows["success"]]
+    median = f"median {label} {facts.num(found[column].median())}, " if found[column].notna().any() else ""
+    return f"{esc(facts.mode_label(mode))}: {median}found for {len(found)} of {len(rows)}"

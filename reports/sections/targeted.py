@@ -5,7 +5,7 @@ from __future__ import annotations
 from robustlab.results import AuditResult
 
 from .. import facts, figures
-from ..serializers.html import esc, figure
+from ..serializers.html import esc, figure, fold
 
 ID = "targeted"
 TITLE = "Targeted attacks"
@@ -25,12 +25,15 @@ def render(result: AuditResult) -> str:
         names = facts.class_names(result, model)
         for mode in dict.fromkeys(mine["targeted"]):
             at_mode = mine[mine["targeted"] == mode]
-            panels = []
+            panels, overall_at = [], []
             for eps in sorted(at_mode["eps"].unique()):
                 rate, count = facts.success_matrix(result, model, mode, float(eps), len(names))
                 overall = (rate[count > 0] * count[count > 0]).sum() / max(count.sum(), 1)
                 panels.append({"title": f"eps={float(eps):g}: {overall * 100:.0f}% overall", "rate": rate})
+                overall_at.append(f"{facts.pct(overall, 0)} at eps={float(eps):g}")
             if panels:
-                out.append(f"<h3>{esc(model)}: {esc(facts.mode_label(mode))}</h3>" + figure(
-                    figures.success_matrices(panels, names), f"targeted success matrix for {model}, {mode}"))
+                # Folded: the matrices are per-pair detail; the headline gives the overall success per budget.
+                out.append(fold(f"<b>{esc(model)}: {esc(facts.mode_label(mode))}</b> · target reached for "
+                                f"{esc(', '.join(overall_at))} of the attacked pairs", figure(
+                    figures.success_matrices(panels, names), f"targeted success matrix for {model}, {mode}")))
     return "".join(out)

@@ -46,6 +46,14 @@ def table(headers: Sequence[str], rows: Iterable[str], *, sortable: bool = False
             f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
+def fold(headline: str, body: str, *, open: bool = False, cls: str = "") -> str:
+    """A section's detail behind a one-line headline (`<details>`/`<summary>`): the reader sees the key
+    figure without scrolling through what backs it; printing opens every fold (SCRIPT). `headline` is
+    HTML, already escaped."""
+    klass = " ".join(c for c in ("fold", cls) if c)
+    return f'<details class="{klass}"{" open" if open else ""}><summary>{headline}</summary>{body}</details>'
+
+
 def figure(uri: str, alt: str, caption: str = "") -> str:
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
     return f'<figure><img src="{esc(uri)}" alt="{esc(alt)}">{cap}</figure>'
@@ -76,7 +84,7 @@ nav.toc ol { max-width: 1180px; margin: 0 auto; padding: 8px 28px; list-style: n
 nav.toc li { counter-increment: toc; }
 nav.toc li::before { content: counter(toc) ". "; color: var(--muted); }
 nav.toc a { color: var(--accent); text-decoration: none; }
-section { margin-top: 34px; }
+section { margin-top: 24px; }
 section > h2 { font-size: 19px; margin: 0 0 12px; padding-bottom: 6px; border-bottom: 2px solid var(--line); counter-increment: sec; }
 main { counter-reset: sec; }
 section > h2::before { content: counter(sec) ". "; color: var(--muted); font-weight: 500; }
@@ -121,6 +129,9 @@ table.data th, table.data td { border-bottom: 1px solid var(--line); padding: 5p
 table.data th { background: var(--panel); font-weight: 600; white-space: nowrap; position: relative; }
 table.data td:first-child, table.data th:first-child, table.data td.l, table.data th.l { text-align: left; }
 table.data td.l { overflow-wrap: anywhere; max-width: 420px; }
+/* in a box that scrolls sideways a wide table keeps its words whole (a squeezed table broke 'DigitsCNN'
+   into 'DigitsC NN'); its box scrolls instead */
+.scroll > table.data td.l { overflow-wrap: break-word; }
 table.sortable th { cursor: pointer; user-select: none; padding-right: 20px; }
 table.sortable th::after { content: "\\2195"; position: absolute; right: 6px; color: #9aa5b1; font-size: 11px; }
 table.sortable th[aria-sort=ascending]::after { content: "\\25B2"; color: var(--accent); }
@@ -137,6 +148,13 @@ figure img { max-width: 100%; height: auto; }
 figcaption { font-size: 13px; color: var(--muted); margin-top: 4px; }
 details { margin: 8px 0 12px; }
 summary { cursor: pointer; color: var(--accent); font-size: 14px; }
+details.fold { margin: 6px 0; padding: 0 12px; border: 1px solid var(--line); border-radius: 6px; }
+details.fold > summary { margin: 0 -12px; padding: 6px 12px; color: var(--fg); overflow-wrap: anywhere; }
+details.fold > summary::marker { color: var(--accent); }
+details.fold > summary:hover { background: var(--panel); }
+details.fold[open] { padding-bottom: 6px; }
+details.fold[open] > summary { margin-bottom: 8px; border-bottom: 1px solid var(--line); background: var(--panel); }
+.card { overflow-x: auto; }
 pre { background: var(--panel); padding: 10px 12px; border-radius: 6px; overflow-x: auto; font-size: 12px; }
 table.examples { border-collapse: collapse; font-size: 12px; margin: 6px 0 16px; }
 table.examples th { font-weight: 600; padding: 4px 8px; text-align: center; background: var(--panel); border-bottom: 1px solid var(--line); }

@@ -37,7 +37,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -141,9 +141,9 @@ def adversarial_training(
             raise InputError(name, f"must be a positive integer, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError("seed", f"must be a non-negative integer, got {seed!r}")
-    for name, value in (("lr", lr), ("trades_beta", trades_beta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise InputError(name, f"must be a positive number, got {value!r}")
+    for name, number in (("lr", lr), ("trades_beta", trades_beta)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or number <= 0:
+            raise InputError(name, f"must be a positive number, got {number!r}")
     if step_size is not None and (not isinstance(step_size, (int, float)) or not step_size > 0):
         raise InputError("step_size", f"must be positive, got {step_size!r}")
     train = _dataset("train_data", train_data)
@@ -159,7 +159,9 @@ def adversarial_training(
     validate_labels("train_data.y", train.y, len(x), mut.num_classes)
     val_attack = PGD(eps=eps, norm=geometry.name, steps=steps, loss="ce")
     val_attack.validate()
-    eps = val_attack._validated_eps(mut, x)  # the attacks' own eps checks (finite, >= 0, fits the bounds)
+    validated = val_attack._validated_eps(mut, x)  # the attacks' own eps checks (finite, >= 0, fits the bounds)
+    assert validated is not None  # eps is required here (None only for minimal attacks)
+    eps = validated
     if val is not None:
         xv = validate_inputs(mut, val.x)
         if tuple(xv.shape[1:]) != tuple(x.shape[1:]):
@@ -173,13 +175,14 @@ def adversarial_training(
         inner_steps = steps
     x = x.to(mut.dtype)
     y = train.y.long()
+    assert train.indices is not None  # Dataset.__post_init__ fills the sample ids
     ids = train.indices.long()
 
     config = {"method": method, "eps": eps, "norm": geometry.name, "steps": steps, "step_size": alpha,
               "lr": float(lr), "batch_size": batch_size, "seed": seed, "trades_beta": float(trades_beta),
               "train_sha256": train.fingerprint(), "val_sha256": None if val is None else val.fingerprint()}
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    state = {"epoch": 0, "best_robust": None, "best_epoch": None, "history": [], "config": config}
+    state: dict[str, Any] = {"epoch": 0, "best_robust": None, "best_epoch": None, "history": [], "config": config}
     best_weights: dict[str, torch.Tensor] | None = None
     if checkpoint_dir is not None:
         if rank == 0:
@@ -194,7 +197,7 @@ def adversarial_training(
     done = state["epoch"]
     for epoch in bars.steps(range(done, epochs), "adversarial training", unit="epoch", initial=done):
         started = time.perf_counter()
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen = 0.0, 0.0
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1_000_003 + epoch)  # dropout etc.: also fixed per epoch
@@ -236,8 +239,9 @@ def adversarial_training(
     if best_weights is not None:
         model.load_state_dict(best_weights)
         say(f"kept epoch {state['best_epoch']} (best val robust accuracy {state['best_robust']:.1%})")
-    model.training_history = list(state["history"])  # type: ignore[attr-defined]
-    model.defense = {  # type: ignore[attr-defined]
+    # (torch types Module.__setattr__'s value as Tensor | Module, but any plain attribute is allowed)
+    model.training_history = list(state["history"])  # type: ignore[assignment]
+    model.defense = {  # type: ignore[assignment]
         "defense": "adversarial-training", "method": method, "eps": eps, "norm": geometry.name,
         "steps": inner_steps, "step_size": alpha, "epochs": epochs, "lr": float(lr), "batch_size": batch_size,
         "seed": seed, **({"trades_beta": float(trades_beta)} if method == "trades" else {}),
@@ -349,6 +353,7 @@ def _inner(method, model, xb, yb, ids, geometry, eps, steps, alpha, bounds, seed
 def _robust_accuracy(mut: ModelUnderTest, val: Dataset, attack: PGD, seed: int, rank: int = 0, world: int = 1,
                      ranks=None) -> tuple[float, float]:
     """Clean and verified-PGD robust accuracy on val (this rank's share; counts summed over ranks)."""
+    assert val.indices is not None  # Dataset.__post_init__ fills the sample ids
     x, y, ids = val.x[rank::world], val.y[rank::world], val.indices[rank::world]
     with torch.no_grad(), mut.evaluating():
         pred = mut(mut.to_device(x)).argmax(1).cpu()
@@ -470,6 +475,7 @@ def _checked_part(directory, files: dict, role: str, document: dict) -> bytes:
     if not isinstance(name, str) or not _EPOCH_FILE.match(name) or name.split("-", 1)[0] != role:
         raise InputError("checkpoint_dir", f"{directory}/{STATE_FILE} names no valid {role} file; delete "
                                            f"{directory} to train afresh")
+    assert isinstance(entry, dict)  # the valid name came from it
     try:
         with open(os.path.join(directory, name), "rb") as handle:
             data = handle.read()

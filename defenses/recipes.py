@@ -77,7 +77,7 @@ def parse_defenses(text: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def fresh_copy(module: nn.Module, seed: int) -> nn.Module:
+def fresh_copy(module: nn.Module | Callable[[torch.Tensor], torch.Tensor], seed: int) -> nn.Module:
     """A copy of `module` with every parameter re-initialised (seeded); refuses what it cannot reset."""
     if not isinstance(module, nn.Module) or is_exported(module) or isinstance(module, torch.jit.ScriptModule):
         kind = "an exported program" if isinstance(module, nn.Module) and is_exported(module) else (
@@ -95,7 +95,7 @@ def fresh_copy(module: nn.Module, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in resettable:
-            m.reset_parameters()
+            getattr(m, "reset_parameters")()
     for p in copied.parameters():
         p.requires_grad_(True)
     return copied.train()
@@ -116,6 +116,7 @@ def build_defenses(base: ModelUnderTest, names: Sequence[str], train_data, recip
     except InputError as error:
         raise InputError("train_data", error.problem) from None
     fresh_copy(base.module, recipe.seed)  # refuses, before any training, a model it cannot re-initialise
+    assert isinstance(base.module, nn.Module)  # fresh_copy refused anything else
     if val_data is None and any(n in _AT_METHOD for n in names):
         train, val_data = split_validation(train, seed=recipe.seed)
     built: dict[str, nn.Module] = {}
@@ -124,11 +125,13 @@ def build_defenses(base: ModelUnderTest, names: Sequence[str], train_data, recip
         cache = None if work_dir is None else Path(work_dir) / f"{name}-{key}"
         if name in _AT_METHOD:
             say(f"{name}: adversarial training ({recipe.norm} eps={recipe.eps:g}, {recipe.epochs} epochs)")
+            # (mypy cannot infer a lambda whose default binds a loop variable: the two ignores below)
             built[name] = adversarial_training(
                 fresh_copy(base.module, recipe.seed), train, method=_AT_METHOD[name], eps=recipe.eps,
                 norm=recipe.norm, steps=recipe.steps, epochs=recipe.epochs, lr=recipe.lr,
                 batch_size=recipe.batch_size, val_data=val_data, seed=recipe.seed, bounds=base.bounds,
-                mean=base.mean, std=base.std, checkpoint_dir=cache, progress=lambda m, n=name: say(f"{n}: {m}"))
+                mean=base.mean, std=base.std, checkpoint_dir=cache,
+                progress=lambda m, n=name: say(f"{n}: {m}"))  # type: ignore[misc]
         elif name == "distillation":
             built[name] = _cached(cache, base.module, recipe.seed, say, name, lambda: distill(
                 _normalised(fresh_copy(base.module, recipe.seed + 101), base), train, temperature=recipe.temperature,
@@ -137,7 +140,7 @@ def build_defenses(base: ModelUnderTest, names: Sequence[str], train_data, recip
         else:
             members = [base.module] + [
                 _cached(None if cache is None else cache / f"member-{i}", base.module, recipe.seed + i, say,
-                        f"ensemble member {i}", lambda i=i: _unwrap(train_classifier(
+                        f"ensemble member {i}", lambda i=i: _unwrap(train_classifier(  # type: ignore[misc]
                             _normalised(fresh_copy(base.module, recipe.seed + i), base), train,
                             epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed + i)))
                 for i in range(1, recipe.members)]
@@ -269,6 +272,7 @@ def split_validation(data: Dataset, *, fraction: float = 0.1, seed: int = 0) -> 
     train_idx = torch.nonzero(keep).reshape(-1)
 
     def part(idx: torch.Tensor, tag: str) -> Dataset:
+        assert data.indices is not None  # Dataset.__post_init__ fills the sample ids
         return Dataset(data.x[idx], data.y[idx], f"{data.source} ({tag})", data.classes, data.indices[idx])
 
     return part(train_idx, f"{1 - fraction:.0%} for training"), part(val_idx, f"{fraction:.0%} held out for validation")
@@ -280,17 +284,18 @@ def _cached(directory: Path | None, like: nn.Module, seed: int, say: Progress, w
     from safetensors.torch import load_file, save_file
 
     weights, about = (None, None) if directory is None else (directory / "final.safetensors", directory / "final.json")
-    if weights is not None and weights.exists() and about.exists():
+    if weights is not None and weights.exists() and about is not None and about.exists():
         module = fresh_copy(like, seed)
         module.load_state_dict(load_file(str(weights)))
         defense = json.loads(about.read_text())
         if defense:
-            module.defense = defense  # type: ignore[attr-defined]
+            module.defense = defense
         say(f"{what}: reusing {directory}")
         return module.eval()
     say(f"{what}: training")
     module = _unwrap(make())
     if weights is not None:
+        assert directory is not None and about is not None  # the three are None together
         directory.mkdir(parents=True, exist_ok=True)
         tmp = weights.with_suffix(".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))

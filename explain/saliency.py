@@ -32,7 +32,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, cast
 
 import numpy as np
 import pandas as pd
@@ -322,9 +322,10 @@ def _slice_maps(model: ModelUnderTest, x: Tensor, target: Tensor, ids: Tensor, m
                                                         return_convergence_delta=True)
         delta = delta.reshape(len(x), -1).mean(dim=1)  # captum: one delta per draw, sample-major
     elif method == "occlusion":
-        window, stride = _default_window(tuple(x.shape[1:]))
+        window, default_stride = _default_window(tuple(x.shape[1:]))
         window = tuple(opts["sliding_window_shapes"] or window)
-        stride = opts["strides"] if opts["strides"] is not None else (stride if opts["sliding_window_shapes"] is None else 1)
+        stride = opts["strides"] if opts["strides"] is not None else (
+            default_stride if opts["sliding_window_shapes"] is None else 1)
         with torch.no_grad():
             maps = Occlusion(model).attribute(inputs, sliding_window_shapes=window, strides=stride,
                                               baselines=_baseline(model, opts["baselines"], x), target=target,
@@ -379,8 +380,9 @@ def _run(model: ModelUnderTest, x: Tensor, target: Tensor, ids: Tensor, method: 
     with model.evaluating(), _quiet():
         parts = runner.run(len(x), one)
     maps = torch.cat([p[0] for p in parts])
-    delta = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
-    error = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
+    # every batch ran the same method: all of them have deltas (errors), or none has
+    delta = torch.cat([cast(Tensor, p[1]) for p in parts]) if parts[0][1] is not None else None
+    error = torch.cat([cast(Tensor, p[2]) for p in parts]) if parts[0][2] is not None else None
     flagged = completeness_flag(method, error, opts.get("completeness_tol", COMPLETENESS_TOL))
     if not torch.isfinite(maps).all():
         flagged = (flagged + "; " if flagged else "") + f"{method}: maps contain NaN or infinite values"
@@ -432,7 +434,8 @@ def _explainer(model: ModelUnderTest, method: str, opts: dict, seed: int, ids: T
         if packed and inputs[0].shape == maps.shape:
             return (maps.to(device=inputs[0].device, dtype=inputs[0].dtype),)
         with torch.enable_grad():
-            fresh = _slice_maps(model, inputs[0] if packed else inputs, target, ids, method, opts, seed)[0]
+            fresh = _slice_maps(model, inputs[0] if isinstance(inputs, tuple) else inputs, target, ids, method, opts,
+                                seed)[0]
         return (fresh,) if packed else fresh
     return explain
 
@@ -580,6 +583,7 @@ def saliency_report(model: ModelUnderTest, x_clean: Tensor, y: Tensor, adversari
             clean_maps = result.maps
             rho, top = nan, nan
         else:
+            assert clean_maps is not None  # "clean" is the first of the sets
             rho = spearman(clean_maps.abs(), result.maps.abs())
             top = topk_intersection(clean_maps, result.maps, top_k)
         sens, infid = nan, nan

@@ -342,8 +342,8 @@ def _deep(model, x, classes, background):
     values = torch.zeros((n, k, *x.shape[1:]), dtype=torch.float32)
     rows = _unique_rows(classes)
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(tuple(row), []).append(i)
+    for i, chosen in enumerate(rows):
+        groups.setdefault(tuple(chosen), []).append(i)
     explainers: dict[int, tuple[Any, _SelectedOutputs]] = {}
     bg = model.to_device(background)
     with _restored(model.module), warnings.catch_warnings():

@@ -111,8 +111,8 @@ def _grouped(items: list[str]) -> list[str]:
 
 def _record(base: dict, metric: str, ra: pd.Series, rb: pd.Series) -> dict[str, Any]:
     va, vb = ra.get(metric), rb.get(metric)
-    va = float(va) if facts.is_num(va) else None
-    vb = float(vb) if facts.is_num(vb) else None
+    va = float(va) if va is not None and facts.is_num(va) else None
+    vb = float(vb) if vb is not None and facts.is_num(vb) else None
     delta = None if va is None or vb is None else vb - va
     if delta is None:
         change = "n/a"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Hashable, cast
 
 import numpy as np
 import pandas as pd
@@ -71,7 +71,7 @@ class ThreatModel:
         return max(self.evaluations) if self.evaluations else (max(self.worst) if self.worst else None)
 
 
-def mode_label(targeted: str) -> str:
+def mode_label(targeted: Hashable) -> str:
     return "untargeted" if targeted == UNTARGETED else f"targeted ({targeted})"
 
 
@@ -125,7 +125,7 @@ def worst_case(block: pd.DataFrame) -> dict[float, float]:
     for eps, at_eps in rows.groupby("eps", sort=True):
         worst = at_eps[at_eps["attack"] == WORST_CASE]
         use = worst if len(worst) else at_eps
-        out[float(eps)] = float(use["robust_accuracy"].min())
+        out[float(cast(float, eps))] = float(use["robust_accuracy"].min())  # a groupby key: typed as any scalar
     return out
 
 

@@ -11,16 +11,20 @@ from __future__ import annotations
 import base64
 import io
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 WORST_COLOR = "#111111"
-_RC = {"svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
-       "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
-       "legend.fontsize": 8, "legend.frameon": False, "svg.hashsalt": "robustlab", "text.parse_math": False,
-       "font.family": ["DejaVu Sans", "sans-serif"]}
+_RC: dict[RcKeyType, Any] = {"svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
+                              "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+                              "grid.alpha": 0.3, "legend.fontsize": 8, "legend.frameon": False,
+                              "svg.hashsalt": "robustlab", "text.parse_math": False,
+                              "font.family": ["DejaVu Sans", "sans-serif"]}
 
 
 @contextmanager

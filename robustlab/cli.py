@@ -15,7 +15,11 @@ import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+if TYPE_CHECKING:  # for annotations only: the CLI imports torch (through these) only where a command needs it
+    from robustlab.data import Dataset
+    from robustlab.defenses.recipes import Recipe
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
@@ -504,8 +508,8 @@ def _demo(args: argparse.Namespace) -> int:
 @dataclass(frozen=True)
 class _DefensePlan:
     names: list[str]
-    recipe: object  # robustlab.defenses.recipes.Recipe
-    train_data: object  # a loaded Dataset
+    recipe: Recipe
+    train_data: Dataset
 
 
 def _defense_plan(args: argparse.Namespace, eps: list[float]) -> _DefensePlan | None:
@@ -544,11 +548,11 @@ def _check_defense_inputs(model, plan: _DefensePlan) -> None:
     from robustlab.threat import get_norm
 
     try:
-        x = validate_inputs(model, plan.train_data.x)  # type: ignore[attr-defined]
+        x = validate_inputs(model, plan.train_data.x)
     except InputError as error:
         raise InputError("train-data", f"inputs ({error.argument}) {error.problem}") from None
     try:
-        check_eps_fits(plan.recipe.eps, get_norm(plan.recipe.norm), model, tuple(x.shape[1:]))  # type: ignore[attr-defined]
+        check_eps_fits(plan.recipe.eps, get_norm(plan.recipe.norm), model, tuple(x.shape[1:]))
     except InputError as error:
         raise InputError("--defend-eps", error.problem) from None
 

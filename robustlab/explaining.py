@@ -109,14 +109,14 @@ def explain_model(mut: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, ids: to
             out.info["samples"]["saliency"] = int(k)
         elif stage == "shap":
             bg = background_from(background, min(N_BACKGROUND, len(background)), seed=seed)
-            report = shap_report(mut, x[:k], y[:k], head, background=bg, seed=seed, sample_ids=ids[:k])
-            _put(out, "explain_shap_features", report.per_feature)
-            _put(out, "explain_shap_shift", report.shift)
-            _put(out, "explain_shap_samples", report.per_sample)
-            out.info["shap_explainer"] = report.explainer
-            if report.fallback:
-                out.info["shap_fallback"] = report.fallback
-            for key, maps in report.maps.items():
+            shapley = shap_report(mut, x[:k], y[:k], head, background=bg, seed=seed, sample_ids=ids[:k])
+            _put(out, "explain_shap_features", shapley.per_feature)
+            _put(out, "explain_shap_shift", shapley.shift)
+            _put(out, "explain_shap_samples", shapley.per_sample)
+            out.info["shap_explainer"] = shapley.explainer
+            if shapley.fallback:
+                out.info["shap_fallback"] = shapley.fallback
+            for key, maps in shapley.maps.items():
                 out.arrays[f"shap|{key}"] = np.asarray(maps, dtype=np.float32)
             out.info["samples"]["shap"] = int(k)
         else:
@@ -124,14 +124,14 @@ def explain_model(mut: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, ids: to
             if m < 20:
                 out.info["skipped"][stage] = f"only {m} attacked samples; probes need at least 20"
                 continue
-            report = probe_report(mut, x[:m], y[:m], {key: (xa[:m], p[:m]) for key, (xa, p) in adversarial.items()},
+            probes = probe_report(mut, x[:m], y[:m], {key: (xa[:m], p[:m]) for key, (xa, p) in adversarial.items()},
                                   seed=seed, batch_size=batch_size)
-            _put(out, "explain_probe_layers", report.layers)
-            _put(out, "explain_probe_adversarial", report.adversarial)
-            _put(out, "explain_probe_crossing", report.crossing)
+            _put(out, "explain_probe_layers", probes.layers)
+            _put(out, "explain_probe_adversarial", probes.adversarial)
+            _put(out, "explain_probe_crossing", probes.crossing)
             out.info["samples"]["probes"] = int(m)
-            if report.note:  # layers the model's format hides (an opaque TorchScript module, say)
-                out.info.setdefault("notes", {})["probes"] = report.note
+            if probes.note:  # layers the model's format hides (an opaque TorchScript module, say)
+                out.info.setdefault("notes", {})["probes"] = probes.note
         seconds = time.perf_counter() - started
         out.info["seconds"][stage] = round(seconds, 3)
         say(f"{mut.name}: {stage} explanations done in {seconds:.1f}s")

@@ -231,7 +231,7 @@ def _certificate_rows(summary: pd.DataFrame, gated: pd.DataFrame) -> dict[tuple,
     return out
 
 
-def _threat_key(row: Mapping) -> tuple:
+def _threat_key(row: Mapping | pd.Series) -> tuple:
     eps = _number(row.get("eps"))
     return str(row.get("model")), str(row.get("norm")), None if eps is None else round(eps, 12)
 

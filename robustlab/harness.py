@@ -315,7 +315,7 @@ def _plan(model, data, *, attacks, eps, norm, targeted, steps, restarts, loss, s
             _surrogate(mut).inspect(validate_inputs(mut, dataset.x))
         if surrogate is not None and (checks == "strict" or black_box(mut)):
             _user_surrogate(mut, surrogate).inspect(validate_inputs(mut, dataset.x))
-    shapes = {mut.inspection.num_classes for mut in models.values()}
+    shapes = {mut.num_classes for mut in models.values()}  # each was inspected above
     if len(shapes) > 1:
         raise InputError("model", f"models audited together must have the same classes; got class counts {sorted(shapes)}")
     smoothed = _smoothed_models(models, certifying, int(seed), dataset)
@@ -618,6 +618,7 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress,
                certified: dict[str, dict]) -> tuple[list[dict], pd.DataFrame, int, dict, dict, Any]:
     data = plan.data
     x, y, ids = data.x, data.y, data.indices
+    assert ids is not None  # Dataset.__post_init__ fills the sample ids
     logits, used_batch = _clean_logits(mut, x, plan.batch_size)
     clean_pred = logits.argmax(dim=1)
     smoothing_base = getattr(mut, "smoothing_of", None)  # a smoothed classifier (robustlab.certify.smoothed)
@@ -693,7 +694,7 @@ def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress,
 
     for mode in plan.modes:
         target_sets = targeting.select(mode, y, logits, ids, seed=plan.seed, num_classes=mut.num_classes)
-        masks = torch.stack([clean_correct if s is None else (clean_correct & s.valid) for s in (target_sets or [None])])
+        masks = torch.stack([clean_correct & s.valid for s in target_sets] if target_sets else [clean_correct])
         state = _ModeState(target_sets, ModeEvidence(mode=mode, target_sets=target_sets, masks=masks))
         states[mode] = state
         for attack, transferred in bars.steps(attacks, f"{mut.name} ({mode})", unit="attack"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, TextIO
 
 from robustlab import progress
 
@@ -69,7 +69,8 @@ def install(level: int) -> Callable[[], None]:
     shown = warnings.showwarning
     warned = get_logger("robustlab.warnings")
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+             line: str | None = None) -> None:
         ours = category.__name__ == "RobustlabWarning"
         warned.warning(str(message) if ours else f"{category.__name__}: {message}")
 

@@ -141,7 +141,8 @@ class AuditResult:
         (directory / "results.json").write_text(text)
         self.samples.to_csv(directory / "samples.csv", index=False, float_format="%.9g")
         if self.examples:
-            np.savez_compressed(directory / "examples.npz", **self.examples)
+            # mypy matches **examples to savez_compressed's allow_pickle: bool too; every value is an array
+            np.savez_compressed(directory / "examples.npz", **self.examples)  # type: ignore[arg-type]
         for name, frame in self.tables.items():
             frame.to_csv(directory / f"{name}.csv", index=False, float_format="%.9g")
 

@@ -221,13 +221,13 @@ def class_names(result: AuditResult, model: str) -> list[str]:
     return [str(n) for n in names]
 
 
-def input_shape(result: AuditResult, model: str) -> tuple[int, ...]:
+def input_shape(result: AuditResult, model: Hashable) -> tuple[int, ...]:
     info = (result.metadata.get("models") or {}).get(model) or {}
     shape = info.get("input_shape") or ((result.metadata.get("data") or {}).get("input_shape")) or []
     return tuple(int(d) for d in shape)
 
 
-def feature_names(result: AuditResult, model: str) -> list[str]:
+def feature_names(result: AuditResult, model: Hashable) -> list[str]:
     """Names of a 1-D input's features: the data's (metadata["data"]["features"]), else x[0], x[1], ..."""
     names = (result.metadata.get("data") or {}).get("features")
     shape = input_shape(result, model)
@@ -237,7 +237,7 @@ def feature_names(result: AuditResult, model: str) -> list[str]:
     return [f"x[{i}]" for i in range(count)]
 
 
-def feature_label(result: AuditResult, model: str, feature: Any, grid: tuple[int, ...] | None = None) -> str:
+def feature_label(result: AuditResult, model: Hashable, feature: Any, grid: tuple[int, ...] | None = None) -> str:
     """A SHAP feature as a reader knows it: its name (tabular), or pixel (row, col) of an image; for SHAP
     grids pooled from a larger image, the cell's pixel range. `grid`: the SHAP map's (rows, cols)."""
     if isinstance(feature, str) and not feature.lstrip("-").isdigit():

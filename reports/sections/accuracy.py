@@ -18,7 +18,7 @@ def applies(result: AuditResult) -> bool:
 def render(result: AuditResult) -> str:
     summary = result.summary
     eps_list = facts.eps_values(summary)
-    rows = []
+    rows: list[str] = []
     for (model, targeted), block in summary.groupby(["model", "targeted"], sort=False):
         b = facts.bounded(block)
         clean = float(block["clean_accuracy"].iloc[0])

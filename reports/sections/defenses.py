@@ -102,7 +102,8 @@ def _unestablished(result: AuditResult, models: dict[str, str], eps: float) -> l
 def describe(d: dict) -> str:
     kind = d.get("defense")
     if kind == "adversarial-training":
-        method = {"pgd": "PGD-AT", "fast": "fast FGSM-AT", "trades": "TRADES"}.get(d.get("method"), d.get("method"))
+        method = {"pgd": "PGD-AT", "fast": "fast FGSM-AT", "trades": "TRADES"}.get(str(d.get("method")),
+                                                                                   d.get("method"))
         best = f", best epoch {d['best_epoch']}" if d.get("best_epoch") else ""
         return (f"{method}, {d.get('norm')} eps={_g(d.get('eps'))}, {d.get('steps')} steps, "
                 f"{d.get('epochs')} epochs{best}" + (f", {d['processes']} processes" if d.get("processes", 1) > 1 else ""))
@@ -110,7 +111,7 @@ def describe(d: dict) -> str:
         return f"defensive distillation, T={_g(d.get('temperature'))}, deployed at T=1"
     if kind == "ensemble":
         rule = {"logits": "averaged logits", "probs": "averaged probabilities", "vote": "majority vote"}.get(
-            d.get("combine"), d.get("combine"))
+            str(d.get("combine")), d.get("combine"))
         return f"ensemble of {d.get('members')}, {rule}"
     return str(kind)
 

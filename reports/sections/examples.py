@@ -40,7 +40,7 @@ def _columns(result: AuditResult, model: str, mode: str) -> list[tuple[str, floa
     """(attack, eps or None, example key) per column group, in eps order, unbounded runs last."""
     s = result.summary
     block = s[(s["model"] == model) & (s["targeted"] == mode) & (s["attack"] != WORST_CASE)]
-    out = []
+    out: list[tuple[str, float | None, str]] = []
     for eps in facts.eps_values(block):
         at = block[(block["eps"] - eps).abs() <= 1e-12].sort_values("robust_accuracy", kind="stable")
         for attack in at["attack"]:

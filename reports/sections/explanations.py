@@ -7,6 +7,7 @@ frames (explain_*.csv) and maps (examples.npz, `explain|KIND|MODEL|KEY`).
 from __future__ import annotations
 
 import math
+from typing import Hashable
 
 import numpy as np
 import pandas as pd
@@ -225,7 +226,7 @@ def _shap(result: AuditResult, info: dict) -> str:
     return fold(headline, html)
 
 
-def _shap_grid(result: AuditResult, model: str) -> tuple[int, ...] | None:
+def _shap_grid(result: AuditResult, model: Hashable) -> tuple[int, ...] | None:
     """The (rows, cols) of the model's SHAP maps (pooled from the image when it is large), if saved."""
     maps = result.examples.get(f"explain|shap|{model}|clean")
     return tuple(int(d) for d in np.asarray(maps).shape[1:]) if maps is not None else None

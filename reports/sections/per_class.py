@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from robustlab.results import AuditResult
 
 from .. import facts
@@ -38,8 +40,9 @@ def render(result: AuditResult) -> str:
                         f'eps={key:g}.</p>' if eps_cols else "")
             rows = []
             for label, r in frame.iterrows():
-                name = names[int(label)] if 0 <= int(label) < len(names) else str(label)
-                cells = [cell(name, cls="l", sort=int(label)), cell(int(r["n"]), sort=int(r["n"])),
+                class_id = int(cast(int, label))  # the index holds the class ids
+                name = names[class_id] if 0 <= class_id < len(names) else str(label)
+                cells = [cell(name, cls="l", sort=class_id), cell(int(r["n"]), sort=int(r["n"])),
                          cell(facts.pct(r["clean"]), sort=r["clean"], style=heat(r["clean"]))]
                 cells += [cell(facts.pct(r[e]), sort=r[e], style=heat(r[e])) for e in eps_cols]
                 rows.append("<tr>" + "".join(cells) + "</tr>")

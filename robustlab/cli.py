@@ -70,7 +70,8 @@ def parse_bounds(text: str) -> tuple[float, float]:
     return values[0], values[1]
 
 
-def parse_classes(text: str | None) -> list[str] | None:
+def parse_names(text: str | None, option: str, what: str) -> list[str] | None:
+    """Names given comma-separated or one per line in a file (--classes, --features)."""
     if text is None:
         return None
     if os.path.isfile(text):
@@ -78,21 +79,17 @@ def parse_classes(text: str | None) -> list[str] | None:
     else:
         names = [part.strip() for part in text.split(",")]
     if not names or any(not n for n in names):
-        raise UsageError(f"--classes: empty class name in {text!r}")
+        raise UsageError(f"{option}: empty {what} name in {text!r}")
     return names
+
+
+def parse_classes(text: str | None) -> list[str] | None:
+    return parse_names(text, "--classes", "class")
 
 
 def parse_features(text: str | None) -> list[str] | None:
-    """--features: names of tabular inputs' features, comma-separated or one per line in a file."""
-    if text is None:
-        return None
-    if os.path.isfile(text):
-        names = [line.strip() for line in Path(text).read_text().splitlines() if line.strip()]
-    else:
-        names = [part.strip() for part in text.split(",")]
-    if not names or any(not n for n in names):
-        raise UsageError(f"--features: empty feature name in {text!r}")
-    return names
+    """--features: names of tabular inputs' features."""
+    return parse_names(text, "--features", "feature")
 
 
 def parse_image_size(args: argparse.Namespace) -> tuple[int, int] | None:

@@ -23,11 +23,12 @@ from typing import ClassVar
 import torch
 
 from robustlab.errors import InputError
-from robustlab.threat import contain, expand_per_sample, flat, working_dtype
+from robustlab.threat import expand_per_sample, flat
 
 from .base import Attack, Perturbed
 from .gradient import loss_and_gradient
 from .losses import LOSSES, succeeded
+from .working import Working
 
 
 @dataclass(frozen=True)
@@ -50,24 +51,20 @@ class MIFGSM(Attack):
             raise InputError("loss", f"expected one of {', '.join(LOSSES)}, got {self.loss!r}")
 
     def _perturb(self, model, x, y, targets, sample_ids, eps, seed) -> Perturbed:
-        norm = self.geometry
-        xw = x.to(working_dtype(x.dtype))
-        low, high = model.bounds.tensors(xw)
-        eps_t = torch.full((len(x),), eps, dtype=xw.dtype, device=x.device)
-        eps64 = torch.full((len(x),), eps, dtype=torch.float64, device=x.device)
+        w = Working.of(model, x, eps, self.geometry)
         alpha = float(self.step_size) if self.step_size is not None else eps / self.steps
-        momentum = torch.zeros_like(xw)
-        x_adv, best = xw.clone(), x.clone()
+        momentum = torch.zeros_like(w.xw)
+        x_adv, best = w.xw.clone(), x.clone()
         found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in self.progress(range(self.steps)):
-            point = contain(x, x_adv.to(x.dtype), eps64, norm, model.bounds, sync=False)
-            logits, _, grad = loss_and_gradient(model, point.to(xw.dtype), y, targets, self.loss)
+            point = w.contained(x_adv)
+            logits, _, grad = loss_and_gradient(model, point.to(w.xw.dtype), y, targets, self.loss)
             hit = succeeded(logits, y, targets) & ~found
             best = torch.where(expand_per_sample(hit, x), point, best)
             found = found | hit
             l1 = flat(grad).abs().sum(dim=1).clamp_min(1e-30)
             momentum = self.decay * momentum + grad / expand_per_sample(l1, grad)
-            x_adv = norm.ascend(xw, x_adv, momentum, alpha, eps_t, low, high)
-        last = contain(x, x_adv.to(x.dtype), eps64, norm, model.bounds, sync=False)
+            x_adv = w.ascend(x_adv, momentum, alpha)
+        last = w.contained(x_adv)
         # The last iterate is returned where nothing succeeded earlier; finalize verifies it.
         return Perturbed(torch.where(expand_per_sample(found, x), best, last), gradient_calls=len(x) * self.steps)

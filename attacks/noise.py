@@ -17,10 +17,11 @@ from typing import ClassVar
 import torch
 
 from robustlab.errors import InputError
-from robustlab.threat import contain, expand_per_sample, working_dtype
+from robustlab.threat import expand_per_sample
 
 from .base import Attack, Perturbed
 from .losses import succeeded
+from .working import Working
 
 NOISE_STREAM = 5_000_000  # + draw index; see robustlab.seeding
 
@@ -36,18 +37,11 @@ class RandomNoise(Attack):
             raise InputError("draws", f"must be a positive integer, got {self.draws!r}")
 
     def _perturb(self, model, x, y, targets, sample_ids, eps, seed) -> Perturbed:
-        norm = self.geometry
-        xw = x.to(working_dtype(x.dtype))
-        low, high = model.bounds.tensors(xw)
-        eps_t = torch.full((len(x),), eps, dtype=xw.dtype, device=x.device)
-        eps64 = torch.full((len(x),), eps, dtype=torch.float64, device=x.device)
+        w = Working.of(model, x, eps, self.geometry)
         best = x.clone()
         found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for draw in range(self.draws):
-            start = norm.random_start(eps_t, sample_ids, tuple(x.shape[1:]), seed=seed, stream=NOISE_STREAM + draw,
-                                      device=x.device, dtype=xw.dtype)
-            point = contain(x, torch.minimum(torch.maximum(xw + norm.project(start, eps_t), low), high).to(x.dtype),
-                            eps64, norm, model.bounds, sync=False)
+            point = w.contained(w.random_point(sample_ids, seed=seed, stream=NOISE_STREAM + draw))
             with torch.no_grad():
                 hit = succeeded(model(point), y, targets) & ~found
             last = draw == self.draws - 1

@@ -37,11 +37,12 @@ from typing import ClassVar
 import torch
 
 from robustlab.errors import InputError
-from robustlab.threat import contain, expand_per_sample, working_dtype
+from robustlab.threat import expand_per_sample
 
 from .base import Attack, Perturbed
 from .gradient import draw_logits, draws_loss_and_gradient
 from .losses import LOSSES, best_other, class_logit, succeeded
+from .working import Working
 
 RANDOM_START_STREAM = 100  # + restart index; see robustlab.seeding
 
@@ -80,20 +81,15 @@ class PGD(Attack):
         return 2.5 * eps / self.steps
 
     def _perturb(self, model, x, y, targets, sample_ids, eps, seed) -> Perturbed:
-        norm = self.geometry
-        xw = x.to(working_dtype(x.dtype))
-        low, high = model.bounds.tensors(xw)
-        eps_t = torch.full((len(x),), eps, dtype=xw.dtype, device=x.device)
-        eps64 = torch.full((len(x),), eps, dtype=torch.float64, device=x.device)
+        w = Working.of(model, x, eps, self.geometry)
+        xw = w.xw
         alpha = self.alpha(eps)
         eot = self.eot_samples > 1
         best = x.clone()
         found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         best_margin = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
 
-        def contained(iterate: torch.Tensor) -> torch.Tensor:
-            """The iterate as finalize would return it: model dtype, exactly inside ball and box."""
-            return contain(x, iterate.to(x.dtype), eps64, norm, model.bounds, sync=False)
+        contained = w.contained  # the iterate as finalize would return it
 
         def keep(point: torch.Tensor, draws: torch.Tensor) -> None:
             nonlocal best, found, best_margin
@@ -109,9 +105,7 @@ class PGD(Attack):
 
         for restart in range(self.restarts):
             if self.random_start:
-                start = norm.random_start(eps_t, sample_ids, tuple(x.shape[1:]), seed=seed,
-                                          stream=RANDOM_START_STREAM + restart, device=x.device, dtype=xw.dtype)
-                x_adv = torch.minimum(torch.maximum(xw + norm.project(start, eps_t), low), high)
+                x_adv = w.random_point(sample_ids, seed=seed, stream=RANDOM_START_STREAM + restart)
             else:
                 x_adv = xw.clone()
             for _ in self.progress(range(self.steps)):
@@ -119,7 +113,7 @@ class PGD(Attack):
                 draws, _, grad = draws_loss_and_gradient(model, point.to(xw.dtype), y, targets, self.loss,
                                                          self.eot_samples)
                 keep(point, draws)
-                x_adv = norm.ascend(xw, x_adv, grad, alpha, eps_t, low, high)
+                x_adv = w.ascend(x_adv, grad, alpha)
             if eot or restart < self.restarts - 1:
                 point = contained(x_adv)
                 keep(point, draw_logits(model, point, self.eot_samples))

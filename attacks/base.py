@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Iterable, TypeVar
 import numpy as np
 import torch
 
-from robustlab import progress
+from robustlab import distributed, journal, progress
 from robustlab.batching import BatchRunner
 from robustlab.errors import InputError
 from robustlab.log import get_logger
@@ -134,12 +134,26 @@ class Attack:
     ) -> AttackOutcome:
         """Attack the samples (x, y) (toward `targets` if given) and return a verified outcome."""
         x, y, targets, sample_ids, eps = self.prepare(model, x, y, targets, sample_ids)
+        with journal.unit(self, model, x, y, targets, sample_ids, seed) as unit:
+            if unit.outcome is not None:  # finished before an interruption (robustlab.journal)
+                return unit.outcome
+            outcome = self._attack_all(model, x, y, targets, sample_ids, eps, seed, batch_size)
+            unit.record(outcome)
+        return outcome
+
+    def _attack_all(self, model: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
+                    sample_ids: torch.Tensor, eps: float | None, seed: int, batch_size: int | None) -> AttackOutcome:
+        """All samples, in batches; under torch.distributed each rank its block of batches (robustlab.distributed)."""
         runner = BatchRunner(batch_size, model.device, x[0].numel())
         started = time.perf_counter()
+
+        def block(a: int, b: int) -> list[dict]:
+            return runner.run(b - a, lambda i, j: self._attack_slice(
+                model, x[a + i:a + j], y[a + i:a + j], None if targets is None else targets[a + i:a + j],
+                sample_ids[a + i:a + j], eps, seed), desc=self.label)
+
         with model.evaluating():
-            parts = runner.run(len(x), lambda a, b: self._attack_slice(
-                model, x[a:b], y[a:b], None if targets is None else targets[a:b], sample_ids[a:b], eps, seed),
-                desc=self.label)
+            parts = distributed.run_parts(len(x), runner.batch_size, block)
         seconds = time.perf_counter() - started
         outcome = _concat(self.name, self.geometry.name, eps, parts, targets, seconds, runner.batch_size)
         _log.debug("%s eps=%s on %s: %d samples in batches of %d, %d gradient calls, %.2fs", self.label, eps,

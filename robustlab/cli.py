@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # for annotations only: the CLI imports torch (through these)
 EXIT_OK, EXIT_THRESHOLD, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 _SAVED: list[str] = []  # results directories this command has swapped in (what an interrupt leaves)
+_JOURNALS: list[Path] = []  # the journal of the audit under way (robustlab.journal): what a resume continues
 
 
 class UsageError(Exception):
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _requirement_options(audit)
     _tracking_options(audit)
     _defense_options(audit, default=None)
+    _resume_options(audit)
 
     demo = sub.add_parser("demo", help="train a small CNN on digits and audit it", formatter_class=_HelpFormatter,
                           description="Train (once, then cached) a small CNN on scikit-learn's digits and audit it "
@@ -195,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("interruptions and scale", description=(
+        "Every finished attack call is kept in a journal beside --out (.OUT.robustlab-journal), removed once the "
+        "results are saved: after a kill or Ctrl-C, the same command resumes where it stopped, with the same "
+        "result. Sharded over processes or machines: torchrun --nproc_per_node N -m robustlab audit ... "
+        "(gloo on CPU, nccl on GPU, rank 0 writes; the result equals one process's)."))
+    choice = g.add_mutually_exclusive_group()
+    choice.add_argument("--resume", action="store_true",
+                        help="continue an interrupted audit (rerunning the same command does this too); an error if "
+                             "there is none to continue")
+    choice.add_argument("--fresh", action="store_true",
+                        help="discard an interrupted audit's journal and start over")
+
+
 def _logging_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     """-v/-q, accepted before and after the command (after it, they must not reset a value given before)."""
     g = p.add_argument_group("messages")
@@ -211,6 +228,10 @@ def _logging(args: argparse.Namespace) -> Callable[[], None]:
 
     if args.quiet and args.verbose:
         raise UsageError("-q/--quiet and -v/--verbose exclude each other")
+    from robustlab import distributed
+
+    if distributed.launched() and os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 speaks
+        args.quiet, args.verbose = True, 0
     try:
         progress.environment_setting()
     except InputError as error:
@@ -293,7 +314,8 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--restarts", type=int, help="PGD random restarts (default 1)")
     g.add_argument("--loss", choices=("ce", "margin"), help="PGD/FGSM loss (default ce)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--n", type=int, help="use the first N samples")
+    g.add_argument("--n", "--samples", dest="n", type=int, metavar="N",
+                   help="use the first N samples (--samples under torchrun, whose own options take --n)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--batch-size", type=int, help="default: chosen automatically, halved on out-of-memory")
     g.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast) on a CUDA device")
@@ -345,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     restore: Callable[[], None] = lambda: None
     _SAVED.clear()
+    _JOURNALS.clear()
     try:
         restore = _logging(args)
         if args.command == "demo":
@@ -358,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(EXIT_USAGE, f"robustlab {args.command}: error: {error}\n")
     except KeyboardInterrupt:
         print(f"robustlab {args.command}: {_interrupted(args)}", file=sys.stderr)
+        for journal in _JOURNALS:  # nothing finished: nothing to resume, nothing left behind
+            if not any(Path(journal, "units").glob("*.npz")):
+                shutil.rmtree(journal, ignore_errors=True)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - InputError is the expected one; see below
         from robustlab.errors import InputError
@@ -368,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     finally:
         restore()
+        from robustlab import distributed
+
+        distributed.stop()
     return EXIT_OK
 
 
@@ -379,6 +408,10 @@ def _interrupted(args: argparse.Namespace) -> str:
             return f"interrupted after the results were saved to {_SAVED[-1]} (complete)"
         before = "still holds the previous results" if Path(args.out, "results.json").is_file() else \
             "was not written"
+        units = len(list(Path(_JOURNALS[-1], "units").glob("*.npz"))) if _JOURNALS else 0
+        if units:
+            return (f"interrupted; nothing was saved ({args.out} {before}); {units} finished attack calls are kept "
+                    f"in {_JOURNALS[-1]}: run the same command again to resume")
         return f"interrupted; nothing was saved ({args.out} {before}); run the command again to redo the audit"
     return "interrupted; nothing was written" if args.command == "compare" else \
         f"interrupted; {args.dir} holds the results as before"
@@ -437,7 +470,16 @@ def _audit(args: argparse.Namespace) -> int:
     if args.name is not None:
         check_model_name(args.name, "name")
     check_output_dir(args.out)
-    device = resolve_device(args.device)
+    from robustlab import distributed, journal
+
+    device = resolve_device(distributed.local_device(args.device))
+    if distributed.launched() and args.defend:
+        raise UsageError("--defend under torchrun: train the defenses in one process (they are saved under "
+                         "OUT/models), then audit the saved models sharded")
+    distributed.start(device)
+    journal_at = journal.journal_dir(args.out)
+    if args.fresh and distributed.is_main():
+        shutil.rmtree(journal_at, ignore_errors=True)
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=device,
                        random_init=args.random_init, bounds=bounds, mean=mean, std=std, name=args.name,
                        classes=classes, output=args.output, amp=args.amp)
@@ -459,9 +501,14 @@ def _audit(args: argparse.Namespace) -> int:
         check_audit(model, data, **options)  # every audit option checked before hours of training
         _check_defense_inputs(model, defense_plan)
     models, defended = _with_defenses(model, defense_plan, args)
-    result = audit(models, data, **options)
-    return _finish(result, args.out, requirements, defended=defended, base=model, base_spec=args.model,
+    _JOURNALS.append(journal_at)
+    result = audit(models, data, **options, journal=journal.Request(
+        journal_at, argument="--resume" if args.resume else "--out", must_exist=args.resume))
+    code = _finish(result, args.out, requirements, defended=defended, base=model, base_spec=args.model,
                    track=lambda: _track(args, args.out))
+    if distributed.is_main():
+        shutil.rmtree(journal_at, ignore_errors=True)  # the results it led to are saved
+    return code
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -577,6 +624,11 @@ def _finish(result, out: str, requirements: list, *, defended: dict | None = Non
     from robustlab.integrity import format_checks
 
     judged = gates.judge_requirements(result, requirements)
+    failed = EXIT_THRESHOLD if any(not j["passed"] for j in judged) else EXIT_OK
+    from robustlab import distributed
+
+    if not distributed.is_main():  # a torchrun rank other than 0: same numbers, same exit status, rank 0 writes
+        return failed
     if judged:
         gates.record_requirements(result, judged)
     if defended:

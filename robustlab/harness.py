@@ -98,6 +98,7 @@ def audit(
     explain: str | Sequence[str] | None = None,
     suite: str = DEFAULT_SUITE,
     certify: str | None = None,
+    journal: str | Any | None = None,
 ) -> AuditResult:
     """Attack `model` on `data` and return verified, tidy results.
 
@@ -145,6 +146,12 @@ def audit(
         bracket on its worst-case row. A model with a layer the bounds do not
         support is skipped with the reason in metadata["certify"][model]. A sample certified at eps and broken
         by an attack at eps (or a smaller one) raises VerificationError: a bug in one of the two.
+    journal: a directory (or a robustlab.journal.Journal) keeping every finished attack call; an audit of the
+        same configuration, models and data given the same journal resumes after the last finished call and
+        returns the same result; another configuration's journal raises InputError (see robustlab.journal;
+        the CLI keeps one beside --out and removes it once the results are saved).
+    Under torch.distributed (torchrun) with several ranks, every attack call is sharded over the ranks and
+    gathered (robustlab.distributed): each rank returns the same result, equal to a one-process run's.
     """
     started_wall = _dt.datetime.now(_dt.timezone.utc)
     started = time.perf_counter()
@@ -157,6 +164,43 @@ def audit(
                "explain %s; batch size %s", ", ".join(plan.models), len(plan.data.y),
                ", ".join(a.label for a in plan.attacks), plan.suite, plan.norm, ", ".join(f"{e:g}" for e in plan.eps),
                ", ".join(plan.modes), plan.checks, ", ".join(plan.explain) or "none", plan.batch_size or "automatic")
+    config = {"attacks": [a if isinstance(a, str) else a.config() for a in attacks], "eps": plan.eps,
+              "norm": plan.norm, "targeted": plan.modes, "steps": steps, "restarts": restarts,
+              "loss": loss, "seed": seed, "n": n, "device": str(device), "batch_size": batch_size,
+              "checks": plan.checks, "suite": plan.suite, "certify": certify_spec(plan.certify)}
+    from robustlab import journal as journaling
+
+    kept: journaling.Journal | None
+    if journal is None or isinstance(journal, journaling.Journal):
+        kept = journal
+    elif isinstance(journal, journaling.Request):
+        kept = journaling.Journal(journal.directory, _identity(plan, config), argument=journal.argument,
+                                  must_exist=journal.must_exist)
+    else:
+        kept = journaling.Journal(journal, _identity(plan, config), argument="journal")
+    from robustlab import distributed
+
+    with journaling.active(kept), distributed.sharding():
+        return _audit_all(plan, config, say, started, started_wall)
+
+
+def _identity(plan: "_Plan", config: dict) -> dict:
+    """What a journal must match to be resumed: the configuration (less what never changes a result: the
+    batch size), the models (weights digests, preprocessing, dtype) and the data's digest."""
+    import robustlab
+
+    unchanged = ("batch_size", "device")
+    models = {}
+    for name, mut in [*plan.models.items(), *plan.smoothed.items()]:
+        about = mut.describe()
+        models[name] = {k: v for k, v in about.items() if k in ("name", "sha256", "source", "bounds", "mean", "std",
+                                                                "classes", "dtype", "amp", "defense")}
+        models[name]["device"] = mut.device.type
+    return {"robustlab": robustlab.__version__, "config": {k: v for k, v in config.items() if k not in unchanged},
+            "explain": list(plan.explain), "models": models, "data": plan.data.describe()}
+
+
+def _audit_all(plan: "_Plan", config: dict, say: Progress, started: float, started_wall: Any) -> AuditResult:
     summaries: list[dict] = []
     check_results: list[dict] = []
     adaptive: list[dict] = []
@@ -183,11 +227,12 @@ def audit(
     summary = pd.DataFrame.from_records(summaries, columns=SUMMARY_COLUMNS + extra)
     samples = pd.concat(frames, ignore_index=True) if frames else sample_frame({})
     finished_wall = _dt.datetime.now(_dt.timezone.utc)
-    metadata = _metadata(plan, started_wall, finished_wall, time.perf_counter() - started, batch_sizes,
-                         {"attacks": [a if isinstance(a, str) else a.config() for a in attacks], "eps": plan.eps,
-                          "norm": plan.norm, "targeted": plan.modes, "steps": steps, "restarts": restarts,
-                          "loss": loss, "seed": seed, "n": n, "device": str(device), "batch_size": batch_size,
-                          "checks": plan.checks, "suite": plan.suite, "certify": certify_spec(plan.certify)})
+    metadata = _metadata(plan, started_wall, finished_wall, time.perf_counter() - started, batch_sizes, config)
+    from robustlab import distributed
+
+    group = distributed.current()
+    if group is not None:  # every rank computed this; rank 0's devices are the ones named above
+        metadata["shards"] = {"world_size": group.world, "backend": "nccl" if group.device.type == "cuda" else "gloo"}
     if plan.certify is not None:
         metadata["certify"] = certified
         metadata["models"].update({name: mut.describe() for name, mut in plan.smoothed.items()})
@@ -232,6 +277,7 @@ def check_audit(model: Any, data: Any = "digits", **options: Any) -> None:
         raise TypeError(f"check_audit() got unexpected options {unknown}")
     merged = {**defaults, **options}
     merged.pop("progress", None)
+    merged.pop("journal", None)
     _plan(model, data, **merged)
 
 

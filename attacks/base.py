@@ -357,6 +357,30 @@ def validate_labels(name: str, labels, n: int, num_classes: int) -> torch.Tensor
     return t
 
 
+CHECK_VALUES = 1 << 22  # input values checked at a time: the masks of a 10,000-image set never exist at once
+
+
+def _check_values(model: ModelUnderTest, t: torch.Tensor) -> None:
+    """No NaN or infinite values, nothing outside the bounds: checked in chunks of rows (bounded memory)."""
+    low, high = model.bounds.tensors(t)
+    rows_at_once = max(1, CHECK_VALUES // max(1, t[0].numel()))
+    bad_rows = torch.zeros(len(t), dtype=torch.bool)
+    outside = torch.zeros(len(t), dtype=torch.bool)
+    for a in range(0, len(t), rows_at_once):
+        chunk = t[a:a + rows_at_once]
+        flat = chunk.reshape(len(chunk), -1)
+        bad_rows[a:a + len(chunk)] = ~torch.isfinite(flat).all(dim=1).cpu()
+        outside[a:a + len(chunk)] = ((chunk < low) | (chunk > high)).reshape(len(chunk), -1).any(dim=1).cpu()
+    if bad_rows.any():
+        rows = torch.nonzero(bad_rows).reshape(-1)
+        raise InputError("x", f"contains NaN or infinite values (in {len(rows)} samples, e.g. index {int(rows[0])})")
+    if outside.any():
+        rows = torch.nonzero(outside).reshape(-1)
+        raise InputError("x", f"{len(rows)} samples lie outside the bounds {model.bounds.describe()} "
+                              f"(data range [{float(t.min()):.4g}, {float(t.max()):.4g}], e.g. index {int(rows[0])}); "
+                              "set bounds to your input domain, and keep normalisation inside the model (mean/std)")
+
+
 def validate_inputs(model: ModelUnderTest, x) -> torch.Tensor:
     t = _as_tensor("x", x)
     if not t.is_floating_point():
@@ -366,17 +390,7 @@ def validate_inputs(model: ModelUnderTest, x) -> torch.Tensor:
         raise InputError("x", f"must be a batch (samples first) of at least 2 dimensions, got shape {tuple(t.shape)}")
     if len(t) == 0:
         raise InputError("x", "is empty: no samples to attack")
-    finite = torch.isfinite(t)
-    if not finite.all():
-        rows = torch.nonzero(~finite.reshape(len(t), -1).all(dim=1)).reshape(-1)
-        raise InputError("x", f"contains NaN or infinite values (in {len(rows)} samples, e.g. index {int(rows[0])})")
-    low, high = model.bounds.tensors(t)
-    outside = ((t < low) | (t > high)).reshape(len(t), -1).any(dim=1)
-    if outside.any():
-        rows = torch.nonzero(outside).reshape(-1)
-        raise InputError("x", f"{len(rows)} samples lie outside the bounds {model.bounds.describe()} "
-                              f"(data range [{float(t.min()):.4g}, {float(t.max()):.4g}], e.g. index {int(rows[0])}); "
-                              "set bounds to your input domain, and keep normalisation inside the model (mean/std)")
+    _check_values(model, t)
     return t
 
 

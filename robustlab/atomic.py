@@ -26,7 +26,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 NEW, OLD = "robustlab-new", "robustlab-old"
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>robustlab-new|robustlab-old)-(?P<pid>\d+)-[0-9a-f]+$")
@@ -160,12 +160,16 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """One file: written under a hidden name beside it, flushed, renamed over it."""
+def write_atomically(path: Path, data: "bytes | Callable[[BinaryIO], None]") -> None:
+    """One file: written under a hidden name beside it, flushed, renamed over it. `data` is the bytes, or
+    a function writing them to the open file (large contents never exist twice in memory)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "wb") as handle:
-            handle.write(data)
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

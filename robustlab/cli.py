@@ -228,9 +228,8 @@ def _logging(args: argparse.Namespace) -> Callable[[], None]:
 
     if args.quiet and args.verbose:
         raise UsageError("-q/--quiet and -v/--verbose exclude each other")
-    from robustlab import distributed
-
-    if distributed.launched() and os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 speaks
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("RANK", "0") != "0":
+        # torchrun's other ranks: rank 0 speaks (read from the environment: `report` runs without torch)
         args.quiet, args.verbose = True, 0
     try:
         progress.environment_setting()
@@ -370,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _JOURNALS.clear()
     try:
         restore = _logging(args)
+        from robustlab import heap
+
+        heap.bound()  # freed batch buffers go back to the system: memory does not grow with the audit's length
         if args.command == "demo":
             return _demo(args)
         if args.command == "report":
@@ -394,9 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     finally:
         restore()
-        from robustlab import distributed
-
-        distributed.stop()
+        if "robustlab.distributed" in sys.modules:  # an audit joined a process group: leave it
+            sys.modules["robustlab.distributed"].stop()
     return EXIT_OK
 
 
@@ -469,8 +470,10 @@ def _audit(args: argparse.Namespace) -> int:
 
     if args.name is not None:
         check_model_name(args.name, "name")
-    check_output_dir(args.out)
     from robustlab import distributed, journal
+
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone writes --out (other nodes need not see it)
+        check_output_dir(args.out)
 
     device = resolve_device(distributed.local_device(args.device))
     if distributed.launched() and args.defend:

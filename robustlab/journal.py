@@ -145,7 +145,7 @@ class Journal:
 
     def store(self, digest: str, outcome: Any) -> None:
         if distributed.is_main():
-            atomic.write_atomically(self._path(self.index, digest), encode(outcome))
+            atomic.write_atomically(self._path(self.index, digest), lambda handle: write(outcome, handle))
 
 
 @contextlib.contextmanager
@@ -213,7 +213,15 @@ def unit_digest(attack: Any, model: Any, x: torch.Tensor, y: torch.Tensor, targe
 
 # ---------------------------------------------------------------------------- (de)serialising outcomes
 def encode(outcome: Any) -> bytes:
-    """An AttackOutcome (or subclass) as npz bytes: raw tensor bytes, and a JSON header of the rest."""
+    """An AttackOutcome (or subclass) as npz bytes (see `write`)."""
+    buffer = io.BytesIO()
+    write(outcome, buffer)
+    return buffer.getvalue()
+
+
+def write(outcome: Any, handle: Any) -> None:
+    """An AttackOutcome (or subclass) as an npz written to `handle`: raw tensor bytes (views, no copies),
+    and a JSON header of the rest."""
     header: dict[str, Any] = {"type": type(outcome).__name__, "fields": {}, "tensors": {}}
     arrays: dict[str, np.ndarray] = {}
     for f in dataclasses.fields(outcome):
@@ -225,9 +233,7 @@ def encode(outcome: Any) -> bytes:
         else:
             header["fields"][f.name] = value
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)  # type: ignore[arg-type]
-    return buffer.getvalue()
+    np.savez(handle, **arrays)  # type: ignore[arg-type]
 
 
 def decode(data: bytes) -> Any:

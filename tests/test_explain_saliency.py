@@ -102,6 +102,10 @@ def test_normalisation_stays_inside_the_model(digits_module, digits_correct):
 
 def test_every_method_runs_and_is_batch_size_invariant_where_deterministic(mut, digits_correct):
     x, y = digits_correct.x[:24], digits_correct.y[:24]
+    with torch.no_grad():
+        # occlusion maps are differences of logits, so they carry the logits' rounding, which depends on the
+        # batch a forward pass runs in (by CPU: 1e-6 of the largest logit on some)
+        rounding = 1e-6 * max(1.0, float(mut(x).abs().max()))
     for method in METHODS:
         whole = attribute(mut, x, y, method=method)
         assert whole.maps.shape == x.shape and bool(torch.isfinite(whole.maps).all()), method
@@ -110,7 +114,7 @@ def test_every_method_runs_and_is_batch_size_invariant_where_deterministic(mut, 
         assert (whole.completeness_error is not None) == (method in ("integrated_gradients", "deeplift"))
         if method not in ("smoothgrad", "gradient_shap"):
             parts = attribute(mut, x, y, method=method, batch_size=5)
-            assert torch.allclose(whole.maps, parts.maps, rtol=1e-4, atol=1e-6), method
+            assert torch.allclose(whole.maps, parts.maps, rtol=1e-4, atol=rounding), method
 
 
 # ------------------------------------------------------------------------------ attribution shift

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,34 @@ def test_two_gloo_processes_give_one_process_results_bit_for_bit(runs):
     assert untimed(a) == untimed(b) and len(untimed(a)) >= 5
     assert Path(one, "examples.npz").read_bytes() == Path(two, "examples.npz").read_bytes()
     assert b.metadata["shards"] == {"world_size": 2, "backend": "gloo"} and "shards" not in a.metadata
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_a_killed_one_process_audit(runs):
+    """The journal does not depend on the process count: two ranks continue what one process began."""
+    one, _, _ = runs
+    folder = one.parent
+    env = dict(_environment(), ROBUSTLAB_CACHE=str(folder / "cache"))
+    command = ["-m", "robustlab", "audit", "--model", "robustlab.zoo:DigitsCNN", "--weights",
+               str(folder / "w.safetensors"), "--data", str(folder / "test.npz"), *AUDIT, "--out",
+               str(folder / "three")]
+    units = folder / ".three.robustlab-journal" / "units"
+    process = subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and len(list(units.glob("*.npz"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert process.poll() is None, "the audit finished before it could be killed"
+    process.kill()
+    process.wait()
+    kept = len(list(units.glob("*.npz")))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *[c for c in command if c != "--quiet"]], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{kept} attack calls already finished" in done.stderr
+    assert load(folder / "three").samples.equals(load(one).samples)
+    assert not units.parent.exists()
 
 
 @pytest.mark.slow

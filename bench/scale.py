@@ -5,7 +5,8 @@
     python bench/scale.py --part memory --sizes 1000,10000
     python bench/scale.py --model small          # a small CIFAR-shaped CNN: the same code paths, minutes less
 
-Throughput: the same audit (PGD-10, Linf 8/255, uniform random 3x32x32 inputs) run by one process
+Throughput: the same audit (PGD-10, Linf 8/255, uniform random 3x32x32 inputs labelled with the network's own
+predictions, so every sample is attacked) run by one process
 and by `torchrun --standalone --nproc_per_node 2`, each process on one thread; the figure is the
 audit's own time (results.json metadata.seconds: no interpreter start-up), and the two runs'
 samples.csv must be equal (sharding in whole batches gives the one-process result bit for bit).
@@ -48,11 +49,44 @@ def small_cnn() -> nn.Module:
 MODELS = {"resnet18": f"{HERE / 'resnet.py'}:resnet18", "small": f"{HERE / 'scale.py'}:small_cnn"}
 
 
-def _data(folder: Path, n: int) -> Path:
-    path = folder / f"random-{n}.npz"
+def _network(model: str) -> nn.Module:
+    torch.manual_seed(0)
+    if model == "small":
+        return small_cnn().eval()
+    sys.path.insert(0, str(HERE))
+    from resnet import resnet18
+
+    return resnet18().eval()
+
+
+def _weights(folder: Path, model: str) -> Path:
+    """The random-weight network's state dict (seed 0), so every run audits the same model."""
+    path = folder / f"{model}.safetensors"
     if not path.exists():
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in _network(model).state_dict().items()}, str(path))
+    return path
+
+
+def _data(folder: Path, n: int, model: str, labels: str = "predicted") -> Path:
+    """Uniform random inputs labelled with the network's own predictions: clean accuracy 100%, so every
+    sample is attacked (with random labels, `labels="random"`, a random network gets 10% right and 90%
+    are never attacked)."""
+    _weights(folder, model)
+    path = folder / f"random-{model}-{n}-{labels}.npz"
+    if labels == "random" and not path.exists():
         rng = np.random.default_rng(0)
         np.savez(path, x=rng.random((n, 3, 32, 32), dtype=np.float32), y=rng.integers(0, 10, n))
+    if not path.exists():
+        from safetensors.torch import load_file
+
+        x = np.random.default_rng(0).random((n, 3, 32, 32), dtype=np.float32)
+        net = _network(model)
+        net.load_state_dict(load_file(str(_weights(folder, model))))
+        with torch.no_grad():
+            y = torch.cat([net(torch.from_numpy(x[a:a + 256])).argmax(1) for a in range(0, n, 256)]).numpy()
+        np.savez(path, x=x, y=y)
     return path
 
 
@@ -64,7 +98,8 @@ def _env(threads: int, cache: Path) -> dict[str, str]:
 
 
 def _audit_args(model: str, data: Path, out: Path, batch: int, steps: int) -> list[str]:
-    return ["-m", "robustlab", "audit", "--model", MODELS[model], "--random-init", "--data", str(data),
+    return ["-m", "robustlab", "audit", "--model", MODELS[model], "--weights", str(out.parent / f"{model}.safetensors"),
+            "--data", str(data),
             "--attack", "pgd", "--steps", str(steps), "--eps", "8/255", "--suite", "none", "--checks", "none",
             "--batch-size", str(batch), "--device", "cpu", "--quiet", "--out", str(out)]
 
@@ -83,7 +118,7 @@ def _run(command: list[str], env: dict[str, str]) -> tuple[float, int]:
 
 
 def throughput(folder: Path, model: str, n: int, batch: int, steps: int) -> dict:
-    data = _data(folder, n)
+    data = _data(folder, n, model)
     env = _env(1, folder / "cache")
     one, two = folder / "one", folder / "two"
     wall1, _ = _run([sys.executable, *_audit_args(model, data, one, batch, steps)], env)
@@ -97,15 +132,16 @@ def throughput(folder: Path, model: str, n: int, batch: int, steps: int) -> dict
             "samples_equal": same}
 
 
-def memory(folder: Path, model: str, sizes: list[int], batch: int, steps: int, threads: int) -> list[dict]:
+def memory(folder: Path, model: str, sizes: list[int], batch: int, steps: int, threads: int,
+           labels: str) -> list[dict]:
     out = []
     for n in sizes:
-        data = _data(folder, n)
+        data = _data(folder, n, model, labels)
         wall, peak = _run([sys.executable, *_audit_args(model, data, folder / f"mem-{n}", batch, steps)],
                           _env(threads, folder / "cache"))
-        out.append({"n": n, "peak_rss_mb": peak / 2**20, "wall_s": wall,
+        out.append({"n": n, "labels": labels, "peak_rss_mb": peak / 2**20, "wall_s": wall,
                     "input_mb": n * 3 * 32 * 32 * 4 / 2**20})
-        print(f"#   memory n={n}: peak RSS {peak / 2**20:.0f} MiB in {wall:.0f}s", file=sys.stderr, flush=True)
+        print(f"#   memory n={n} ({labels} labels): peak RSS {peak / 2**20:.0f} MiB in {wall:.0f}s", file=sys.stderr, flush=True)
     return out
 
 
@@ -119,6 +155,8 @@ def main() -> None:
     parser.add_argument("--memory-batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of the memory runs")
+    parser.add_argument("--labels", default="predicted,random",
+                        help="memory runs' labels: predicted (every sample attacked), random (about 10%%)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     parts = args.part.split(",")
@@ -136,14 +174,17 @@ def main() -> None:
             print(f"speed-up       {t['speedup']:8.2f}x  (target >= 1.8x)  samples.csv equal: {t['samples_equal']}")
         if "memory" in parts:
             sizes = [int(s) for s in args.sizes.split(",")]
-            m = memory(folder, args.model, sizes, args.memory_batch, args.steps, args.threads)
-            report["memory"] = m
+            report["memory"] = []
             print(f"\n## peak RSS: PGD-{args.steps}, batch {args.memory_batch}, {args.threads} threads")
-            print("samples   inputs MiB   peak RSS MiB   x smallest   wall s")
-            for row in m:
-                print(f"{row['n']:7d}   {row['input_mb']:10.1f}   {row['peak_rss_mb']:12.0f}   "
-                      f"{row['peak_rss_mb'] / m[0]['peak_rss_mb']:9.2f}x   {row['wall_s']:6.0f}")
-            print(f"target: largest / smallest < 1.5x; got {m[-1]['peak_rss_mb'] / m[0]['peak_rss_mb']:.2f}x")
+            print("labels     samples   inputs MiB   peak RSS MiB   x smallest   wall s")
+            for labels in args.labels.split(","):  # predicted: every sample attacked; random: about 10%
+                m = memory(folder, args.model, sizes, args.memory_batch, args.steps, args.threads, labels)
+                report["memory"] += m
+                for row in m:
+                    print(f"{labels:9s}  {row['n']:7d}   {row['input_mb']:10.1f}   {row['peak_rss_mb']:12.0f}   "
+                          f"{row['peak_rss_mb'] / m[0]['peak_rss_mb']:9.2f}x   {row['wall_s']:6.0f}")
+                print(f"target: largest / smallest < 1.5x; {labels} labels: "
+                      f"{m[-1]['peak_rss_mb'] / m[0]['peak_rss_mb']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

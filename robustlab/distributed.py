@@ -154,26 +154,40 @@ def _merge(parts: list[dict]) -> dict:
 
 
 def gather_dicts(group: Group, local: dict) -> list[dict]:
-    """Every rank's dict (same keys and per-sample shapes, any lengths, possibly empty) on every rank."""
-    keys = sorted(local)
-    key_lists = _gather_strings(group, ",".join(keys))
-    all_keys = next((k.split(",") for k in key_lists if k), [])
-    if any(k and k.split(",") != all_keys for k in key_lists):
-        raise RuntimeError(f"sharded attack: ranks returned different fields {key_lists}")
+    """Every rank's dict (same keys and per-sample shapes, any lengths, possibly empty) on every rank.
+
+    The ranks first agree on each field's kind (a number, or a tensor's dtype and trailing shape) from
+    the ranks that have samples, so a rank with none makes exactly the same collective calls."""
+    layout = ";".join(f"{k}={_kind(v)}" for k, v in sorted(local.items()))
+    layouts = _gather_strings(group, layout)
+    agreed = next((text for text in layouts if text), "")
+    if any(text and text != agreed for text in layouts):
+        raise RuntimeError(f"sharded attack: ranks returned different fields {layouts}")
     out: list[dict] = [{} for _ in range(group.world)]
-    for key in all_keys:
-        value = local.get(key)
-        if value is None or isinstance(value, (int, float)):
+    for field in agreed.split(";") if agreed else []:
+        key, kind = field.split("=", 1)
+        if kind == "number":
+            value = local.get(key, 0)
             counts = _all_gather_fixed(group, torch.tensor([float(value or 0)], dtype=torch.float64))
             for r in range(group.world):
-                if key_lists[r]:
+                if layouts[r]:
                     out[r][key] = int(counts[r].item())
             continue
-        tensors = gather_tensor(group, value)
+        dtype_name, _, trailing = kind.partition(":")
+        dtype = getattr(torch, dtype_name)
+        shape = tuple(int(d) for d in trailing.split("x") if d)
+        value = local.get(key)
+        tensors = gather_tensor(group, value if value is not None else torch.empty((0, *shape), dtype=dtype))
         for r in range(group.world):
-            if key_lists[r]:
+            if layouts[r]:
                 out[r][key] = tensors[r]
     return out
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).replace('torch.', '')}:{'x'.join(str(d) for d in value.shape[1:])}"
+    return "number"
 
 
 def gather_tensor(group: Group, tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -649,15 +649,21 @@ def _check_surrogate(mut: ModelUnderTest, plan: "_Plan") -> ModelUnderTest | Non
 
 # ---------------------------------------------------------------------------- running
 def _clean_logits(mut: ModelUnderTest, x: torch.Tensor, batch_size: int | None) -> tuple[torch.Tensor, int]:
+    """The clean logits, batch by batch (sharded like an attack under torch.distributed: robustlab.distributed)."""
+    from robustlab import distributed
+
     runner = BatchRunner(batch_size, mut.device, x[0].numel())
 
-    def one(a: int, b: int) -> torch.Tensor:
+    def one(a: int, b: int) -> dict:
         with torch.no_grad():
-            return mut(mut.to_device(x[a:b])).double().cpu()
+            return {"logits": mut(mut.to_device(x[a:b])).double().cpu()}
+
+    def block(a: int, b: int) -> list[dict]:
+        return runner.run(b - a, lambda i, j: one(a + i, a + j), desc=f"{mut.name}: clean")
 
     with mut.evaluating():
-        parts = runner.run(len(x), one, desc=f"{mut.name}: clean")
-    return torch.cat(parts), runner.batch_size
+        parts = distributed.run_parts(len(x), runner.batch_size, block)
+    return torch.cat([p["logits"] for p in parts]), runner.batch_size
 
 
 def _audit_one(mut: ModelUnderTest, plan: _Plan, say: Progress,

@@ -165,7 +165,8 @@ class Attack:
         iterations when bars are on (robustlab.progress), the iterable itself when off."""
         return progress.steps(iterable, f"{self.label} {what}", unit=unit)
 
-    def prepare(self, model: ModelUnderTest, x, y, targets, sample_ids):
+    def prepare(self, model: ModelUnderTest, x, y, targets,
+                sample_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, float | None]:
         """Every check before work starts: the model, inputs, labels, targets, ids, eps, options.
         Returns (x, y, targets, sample_ids, eps) as the attack will use them."""
         if not isinstance(model, ModelUnderTest):

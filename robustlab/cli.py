@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -383,9 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(EXIT_USAGE, f"robustlab {args.command}: error: {error}\n")
     except KeyboardInterrupt:
         print(f"robustlab {args.command}: {_interrupted(args)}", file=sys.stderr)
-        for journal in _JOURNALS:  # nothing finished: nothing to resume, nothing left behind
-            if not any(Path(journal, "units").glob("*.npz")):
-                shutil.rmtree(journal, ignore_errors=True)
+        if _JOURNALS:  # nothing finished: nothing to resume, nothing left behind
+            from robustlab import journal
+
+            journal.discard(_JOURNALS[-1], unless_finished=True)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - InputError is the expected one; see below
         from robustlab.errors import InputError
@@ -409,7 +409,11 @@ def _interrupted(args: argparse.Namespace) -> str:
             return f"interrupted after the results were saved to {_SAVED[-1]} (complete)"
         before = "still holds the previous results" if Path(args.out, "results.json").is_file() else \
             "was not written"
-        units = len(list(Path(_JOURNALS[-1], "units").glob("*.npz"))) if _JOURNALS else 0
+        units = 0
+        if _JOURNALS:  # an audit began, so robustlab.journal (and torch) are imported already
+            from robustlab.journal import finished_units
+
+            units = finished_units(_JOURNALS[-1])
         if units:
             return (f"interrupted; nothing was saved ({args.out} {before}); {units} finished attack calls are kept "
                     f"in {_JOURNALS[-1]}: run the same command again to resume")
@@ -481,8 +485,8 @@ def _audit(args: argparse.Namespace) -> int:
                          "OUT/models), then audit the saved models sharded")
     distributed.start(device)
     journal_at = journal.journal_dir(args.out)
-    if args.fresh and distributed.is_main():
-        shutil.rmtree(journal_at, ignore_errors=True)
+    if args.fresh:
+        journal.discard(journal_at)
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=device,
                        random_init=args.random_init, bounds=bounds, mean=mean, std=std, name=args.name,
                        classes=classes, output=args.output, amp=args.amp)
@@ -509,8 +513,7 @@ def _audit(args: argparse.Namespace) -> int:
         journal_at, argument="--resume" if args.resume else "--out", must_exist=args.resume))
     code = _finish(result, args.out, requirements, defended=defended, base=model, base_spec=args.model,
                    track=lambda: _track(args, args.out))
-    if distributed.is_main():
-        shutil.rmtree(journal_at, ignore_errors=True)  # the results it led to are saved
+    journal.discard(journal_at)  # the results it led to are saved
     return code
 
 
@@ -659,7 +662,7 @@ def _finish(result, out: str, requirements: list, *, defended: dict | None = Non
         print(_judgement_line(j))
     if track is not None:
         track()
-    return EXIT_THRESHOLD if any(not j["passed"] for j in judged) else EXIT_OK
+    return failed
 
 
 def _judgement_line(j: dict) -> str:

@@ -130,11 +130,12 @@ def run_parts(n: int, batch: int, run: Callable[[int, int], list[dict]]) -> list
     if group is None:
         return run(0, n)
     start, stop = group.block(n, batch)
-    if -(-n // max(1, batch)) < group.world and not _IDLE_SAID:
+    batches = -(-n // max(1, batch))
+    if batches < group.world and not _IDLE_SAID:
         _IDLE_SAID.append(True)
         _log.info("%d samples make %d batch(es) of %d for %d ranks: some ranks wait; a smaller --batch-size "
                   "shards them (the result then equals a one-process run with that batch size)",
-                  n, -(-n // max(1, batch)), batch, group.world)
+                  n, batches, batch, group.world)
     token = _SHARDING.set(False)  # what this rank's block calls runs on the block as given
     try:
         local = _merge(run(start, stop) if stop > start else [])

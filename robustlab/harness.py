@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import platform
 import sys
 import time
@@ -22,6 +23,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from robustlab import distributed
+from robustlab import journal as journaling
 from robustlab import progress as bars
 from robustlab import targets as targeting
 from robustlab.attacks import SUITES, Attack, AttackOutcome, Cascade, get_attack, restrict
@@ -98,7 +101,7 @@ def audit(
     explain: str | Sequence[str] | None = None,
     suite: str = DEFAULT_SUITE,
     certify: str | None = None,
-    journal: str | Any | None = None,
+    journal: "str | os.PathLike | journaling.Journal | journaling.Request | None" = None,
 ) -> AuditResult:
     """Attack `model` on `data` and return verified, tidy results.
 
@@ -168,8 +171,6 @@ def audit(
               "norm": plan.norm, "targeted": plan.modes, "steps": steps, "restarts": restarts,
               "loss": loss, "seed": seed, "n": n, "device": str(device), "batch_size": batch_size,
               "checks": plan.checks, "suite": plan.suite, "certify": certify_spec(plan.certify)}
-    from robustlab import journal as journaling
-
     kept: journaling.Journal | None
     if journal is None or isinstance(journal, journaling.Journal):
         kept = journal
@@ -177,9 +178,7 @@ def audit(
         kept = journaling.Journal(journal.directory, _identity(plan, config), argument=journal.argument,
                                   must_exist=journal.must_exist)
     else:
-        kept = journaling.Journal(journal, _identity(plan, config), argument="journal")
-    from robustlab import distributed
-
+        kept = journaling.Journal(os.fspath(journal), _identity(plan, config), argument="journal")
     with journaling.active(kept), distributed.sharding():
         return _audit_all(plan, config, say, started, started_wall)
 
@@ -228,8 +227,6 @@ def _audit_all(plan: "_Plan", config: dict, say: Progress, started: float, start
     samples = pd.concat(frames, ignore_index=True) if frames else sample_frame({})
     finished_wall = _dt.datetime.now(_dt.timezone.utc)
     metadata = _metadata(plan, started_wall, finished_wall, time.perf_counter() - started, batch_sizes, config)
-    from robustlab import distributed
-
     group = distributed.current()
     if group is not None:  # every rank computed this; rank 0's devices are the ones named above
         metadata["shards"] = {"world_size": group.world, "backend": "nccl" if group.device.type == "cuda" else "gloo"}
@@ -650,8 +647,6 @@ def _check_surrogate(mut: ModelUnderTest, plan: "_Plan") -> ModelUnderTest | Non
 # ---------------------------------------------------------------------------- running
 def _clean_logits(mut: ModelUnderTest, x: torch.Tensor, batch_size: int | None) -> tuple[torch.Tensor, int]:
     """The clean logits, batch by batch (sharded like an attack under torch.distributed: robustlab.distributed)."""
-    from robustlab import distributed
-
     runner = BatchRunner(batch_size, mut.device, x[0].numel())
 
     def one(a: int, b: int) -> dict:

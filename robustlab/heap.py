@@ -12,19 +12,15 @@ a library should not change a process's allocator on import, so API users call `
 
 from __future__ import annotations
 
-import ctypes
-import platform
+from robustlab.atomic import _libc
 
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 THRESHOLD = 1 << 20
 
 
 def bound(threshold: int = THRESHOLD) -> bool:
-    """Serve blocks of `threshold` bytes or more with mmap (glibc only); True if the setting took."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold)))
-    except (OSError, AttributeError):
-        return False
+    """Serve blocks of `threshold` bytes or more with mmap; True if the setting took (glibc: other C
+    libraries have no mallopt, or no such option, and are left as they are)."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) if mallopt is not None else False

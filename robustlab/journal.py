@@ -62,6 +62,18 @@ def journal_dir(out: str | Path) -> Path:
     return target.parent / f".{target.name}.{SUFFIX}"
 
 
+def finished_units(directory: str | Path) -> int:
+    """How many finished attack calls a journal holds (0 where there is none)."""
+    return len(list(Path(directory, "units").glob("*.npz")))
+
+
+def discard(directory: str | Path, *, unless_finished: bool = False) -> None:
+    """Delete a journal (on rank 0): after its results were saved, for --fresh, or, with
+    `unless_finished`, only when it holds no finished call (an interrupt with nothing to resume)."""
+    if distributed.is_main() and not (unless_finished and finished_units(directory)):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class Journal:
     """An audit's finished units on disk (see the module docstring)."""
 
@@ -71,8 +83,6 @@ class Journal:
         self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
         self.argument = argument
         self.index = 0
-        self.reused = 0
-        self.computed = 0
         self.found = self._open(must_exist)
         if self.found:
             _log.info("resuming the interrupted audit in %s: %d attack calls already finished", self.directory,
@@ -99,7 +109,7 @@ class Journal:
                                    f"(differs in: {', '.join(differs)}); results are never mixed: rerun that "
                                    f"audit to finish it, or {start_over} to start over")
                     else:
-                        count = len(list((self.directory / "units").glob("*.npz")))
+                        count = finished_units(self.directory)
             elif must_exist:
                 problem = f"there is no interrupted audit to resume ({self.directory} does not exist)"
             else:
@@ -115,11 +125,6 @@ class Journal:
         if state["problem"]:
             raise InputError(self.argument, state["problem"])
         return int(state["count"])
-
-    def remove(self) -> None:
-        """Drop the journal (after the results it led to were saved)."""
-        if distributed.is_main():
-            shutil.rmtree(self.directory, ignore_errors=True)
 
     # ------------------------------------------------------------------ units
     def _path(self, index: int, digest: str) -> Path:
@@ -173,8 +178,6 @@ def unit(attack: Any, model: Any, x: torch.Tensor, y: torch.Tensor, targets: tor
         stored = journal.load(digest)
         u = _Unit(journal, digest, stored)
         yield u
-        if stored is not None:
-            journal.reused += 1
         journal.index += 1
     finally:
         _DEPTH.reset(token)
@@ -189,7 +192,6 @@ class _Unit:
     def record(self, outcome: Any) -> None:
         if self.journal is not None and self.digest is not None:
             self.journal.store(self.digest, outcome)
-            self.journal.computed += 1
 
 
 def unit_digest(attack: Any, model: Any, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,

@@ -77,9 +77,14 @@ def test_an_api_audit_resumes_from_its_journal_with_the_same_result(tmp_path, ca
     units = sorted((tmp_path / "j" / "units").glob("*.npz"))
     assert len(units) == 4  # 2 attacks x 2 eps
     units[1].write_bytes(b"damaged")  # a damaged unit is recomputed, never trusted
+    before = {u.name: (u.stat().st_mtime_ns, u.read_bytes()) for u in units}
     with caplog.at_level(logging.INFO, logger="robustlab"):
         again = robustlab.audit(model, data, **options, journal=tmp_path / "j")
     assert "4 attack calls already finished" in caplog.text and "unreadable" in caplog.text
+    after = {u.name: (u.stat().st_mtime_ns, u.read_bytes()) for u in units}
+    reused = [name for name in before if after[name] == before[name]]
+    assert reused == [u.name for i, u in enumerate(units) if i != 1]  # read back, not recomputed and rewritten
+    assert after[units[1].name][1] != b"damaged"  # the damaged one was recomputed and stored again
     for result in (first, again):
         assert result.samples.equals(reference.samples)
         assert result.summary.drop(columns="seconds").equals(reference.summary.drop(columns="seconds"))
